@@ -1,0 +1,519 @@
+"""Typed job configuration: one dataclass per YAML section, loaded with every error at once.
+
+A job file is YAML with the sections of `JobConfig`. Every key has a typed default and a
+`help` string (which doubles as the `--help` text of `raydapt config --explain`). Unknown
+keys, wrong types and invalid combinations are all collected and raised together as one
+`ConfigError`, before any Ray cluster starts, in the style of litgpt's `validate_args`.
+
+    cfg = load_job("jobs/demo.yaml", overrides=["train.lr=3e-4", "train.mode=lora"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raydapt.errors import UserError
+
+
+class ConfigError(UserError):
+    """All problems found in a job file, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "<job>"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a default and a help string."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    """A model: a local folder or a hub id, optionally built on the spot from a preset."""
+
+    path: str = _f("", "Local HF folder or hub id. Empty: built from `preset` under output_dir.")
+    preset: str = _f("", "init-model preset (tiny|small|base) used when `path` is empty or absent.")
+    dtype: str = _f("auto", "Weights dtype for inference: auto|float32|bfloat16|float16.")
+    trust_remote_code: bool = _f(False, "Pass trust_remote_code to transformers and vLLM.")
+
+
+@dataclass
+class CorpusConfig:
+    """Where the training text comes from."""
+
+    source: str = _f("world", "`world` (the embedded generated world) or `files` (`paths`).")
+    paths: list = _f([], "Files, globs or URIs (s3://, gs://, ...) of jsonl, parquet or txt.")
+    format: str = _f("auto", "auto|jsonl|parquet|txt. auto goes by file extension.")
+    world_tasks: list = _f(
+        ["add", "sort", "reverse", "base"], "World tasks to generate (see raydapt.world.TASKS)."
+    )
+    world_train: int = _f(4000, "Number of world training problems.")
+    world_heldout: int = _f(200, "Number of world held-out problems (never in training).")
+    world_markov_docs: int = _f(0, "Number of free-text documents from the world's Markov language.")
+    world_seed: int = _f(0, "Seed of the world generator.")
+
+
+@dataclass
+class PrepareConfig:
+    """`raydapt prepare`: read -> validate -> dedupe -> tokenize -> pack -> split."""
+
+    seq_len: int = _f(256, "Length of every packed training row, in tokens.")
+    pack: bool = _f(True, "Pack several documents per row; false pads one document per row.")
+    val_fraction: float = _f(0.05, "Fraction of documents in the validation split (by content hash).")
+    max_chars: int = _f(100_000, "Rows longer than this many characters are dropped as too long.")
+    drop_longer: bool = _f(True, "Drop documents longer than seq_len tokens (else truncate).")
+    dedupe: bool = _f(True, "Drop exact duplicate documents.")
+    chat_template: str = _f("auto", "auto|always|never: use the tokenizer's chat template.")
+    rows_per_shard: int = _f(8192, "Packed rows per parquet shard.")
+    num_blocks: int = _f(0, "Ray Data read parallelism; 0 lets Ray choose.")
+
+
+@dataclass
+class TeachConfig:
+    """`raydapt teach`: the vLLM teacher actor pool."""
+
+    kind: str = _f("score", "score | generate | generate+score.")
+    backend: str = _f("vllm", "vllm | hf (transformers reference backend).")
+    k: int = _f(16, "Top-k logprobs stored per position.")
+    min_actors: int = _f(1, "Minimum teacher actors in the pool.")
+    max_actors: int = _f(1, "Maximum teacher actors in the pool.")
+    batch_size: int = _f(32, "Rows per batch sent to one engine.")
+    cpus_per_actor: float = _f(1.0, "Logical CPUs each teacher actor reserves.")
+    gpus_per_actor: float = _f(0.0, "GPUs each teacher actor reserves (0 on CPU clusters).")
+    tensor_parallel_size: int = _f(1, "vLLM tensor parallel size per actor.")
+    max_model_len: int = _f(0, "Engine context length; 0 takes the model's.")
+    kv_cache_gib: float = _f(1.0, "KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE), GiB.")
+    gpu_memory_utilization: float = _f(0.85, "Fraction of GPU memory for vLLM.")
+    n: int = _f(1, "generate: samples per prompt.")
+    temperature: float = _f(1.0, "generate: sampling temperature.")
+    top_p: float = _f(1.0, "generate: nucleus sampling.")
+    max_tokens: int = _f(128, "generate: maximum new tokens.")
+    stop: list = _f([], "generate: stop strings.")
+    seed: int = _f(0, "generate: base seed; each row's seed derives from it and the row id.")
+    split: str = _f("train", "Which prepared split to teach: train | validation | all.")
+
+
+@dataclass
+class TrainConfig:
+    """`raydapt train`: Ray Train workers with FSDP2."""
+
+    mode: str = _f("full", "full | lora | transfer | distill.")
+    num_workers: int = _f(1, "Ray Train workers (FSDP2 ranks). 0 runs in the driver (local mode).")
+    use_gpu: bool = _f(False, "One GPU per worker, nccl and bf16.")
+    cpus_per_worker: float = _f(1.0, "Logical CPUs each worker reserves.")
+    precision: str = _f("auto", "auto | fp32 | bf16. auto: bf16 on GPU, fp32 on CPU.")
+    lr: float = _f(1e-3, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: list = _f([0.9, 0.95], "AdamW betas.")
+    batch_size: int = _f(16, "Rows per worker per micro-step.")
+    grad_accum: int = _f(1, "Micro-steps per optimizer step.")
+    max_steps: int = _f(200, "Optimizer steps; the data repeats as needed.")
+    warmup_steps: int = _f(10, "Linear warmup steps.")
+    schedule: str = _f("cosine", "cosine | linear | constant after warmup.")
+    min_lr_ratio: float = _f(0.1, "Final lr as a fraction of the peak.")
+    grad_clip: float = _f(1.0, "Max global grad norm; 0 disables clipping.")
+    activation_checkpointing: bool = _f(False, "Recompute decoder blocks in backward.")
+    checkpoint_every: int = _f(50, "Save a sharded checkpoint every N steps (0: only at the end).")
+    eval_every: int = _f(50, "Validation loss every N steps (0: only at the end).")
+    log_every: int = _f(10, "Console progress line every N steps.")
+    seed: int = _f(0, "Seed for init, data order and dropout.")
+    resume: bool = _f(True, "Resume from the run's latest checkpoint when one exists.")
+    # lora
+    lora_r: int = _f(8, "lora: rank.")
+    lora_alpha: float = _f(16.0, "lora: alpha.")
+    lora_dropout: float = _f(0.0, "lora: dropout.")
+    lora_targets: list = _f(["q_proj", "v_proj"], "lora: target module names.")
+    lora_merge: bool = _f(True, "lora: also export the merged model.")
+    # transfer
+    freeze_embeddings: bool = _f(True, "transfer: freeze the token embeddings.")
+    freeze_layers: int = _f(0, "transfer: freeze the first K decoder blocks.")
+    freeze_regex: str = _f("", "transfer: freeze parameters whose name matches this regex.")
+    new_head: str = _f("", "transfer: '' keeps the LM head; `classification` adds a new one.")
+    num_labels: int = _f(2, "transfer: classes of the new classification head.")
+    # distill
+    teacher: str = _f("offline", "distill: offline (targets dataset) | online (teacher forward).")
+    kd_loss: str = _f("forward_kl", "distill: forward_kl | reverse_kl | jsd.")
+    kd_alpha: float = _f(0.5, "distill: loss = alpha*KD + (1-alpha)*CE.")
+    kd_temperature: float = _f(1.0, "distill: softmax temperature of the KD term.")
+    jsd_beta: float = _f(0.5, "distill: beta of the generalized JSD.")
+    kd_k: int = _f(16, "distill: top-k the loss is configured for; targets with larger k are an error.")
+    kd_chunk: int = _f(128, "distill: sequence chunk for full-vocabulary losses (memory bound).")
+
+
+@dataclass
+class TuneConfig:
+    """`raydapt tune`: Ray Tune sweeps over train.* keys."""
+
+    search: str = _f("random", "random | grid | optuna.")
+    scheduler: str = _f("asha", "fifo | asha | pbt.")
+    num_samples: int = _f(4, "Trials (per grid point for grid search).")
+    metric: str = _f("val_loss", "Metric to optimise.")
+    mode: str = _f("min", "min | max.")
+    max_concurrent_trials: int = _f(2, "Trials running at once.")
+    grace_period: int = _f(1, "ASHA: reports before a trial may be stopped.")
+    reduction_factor: int = _f(2, "ASHA: halving rate.")
+    space: dict = _f({}, "train.* key -> {loguniform|uniform: [lo, hi]} | {choice|grid: [...]} | {randint: [lo, hi]}.")
+
+
+@dataclass
+class EvalConfig:
+    """`raydapt eval`: held-out loss and task exact-match."""
+
+    max_problems: int = _f(200, "Held-out problems for exact-match (greedy decoding).")
+    max_new_tokens: int = _f(96, "Generation budget per problem.")
+    batch_size: int = _f(32, "Problems per generation batch.")
+    endpoint: str = _f("", "Evaluate a served endpoint (base URL) instead of a model folder.")
+    lm_eval_tasks: list = _f([], "Optional lm-eval-harness tasks run against the endpoint.")
+
+
+@dataclass
+class ServeConfig:
+    """`raydapt serve`: OpenAI-compatible Ray Serve application on vLLM."""
+
+    model: str = _f("", "Model folder to serve; empty serves the train stage's export.")
+    name: str = _f("", "Served model name; empty uses the folder name.")
+    adapters: dict = _f({}, "LoRA name -> adapter folder.")
+    host: str = _f("127.0.0.1", "HTTP host.")
+    port: int = _f(8000, "HTTP port.")
+    min_replicas: int = _f(1, "Autoscaling: minimum replicas.")
+    max_replicas: int = _f(1, "Autoscaling: maximum replicas.")
+    target_ongoing_requests: int = _f(8, "Autoscaling: target ongoing requests per replica.")
+    max_ongoing_requests: int = _f(64, "Requests a replica accepts before overload (503).")
+    max_queued_requests: int = _f(64, "Requests queued at the proxy before 503.")
+    cpus_per_replica: float = _f(1.0, "Logical CPUs per replica.")
+    gpus_per_replica: float = _f(0.0, "GPUs per replica.")
+    max_model_len: int = _f(0, "Engine context length; 0 takes the model's.")
+    kv_cache_gib: float = _f(1.0, "KV cache size on CPU, GiB.")
+    max_loras: int = _f(4, "LoRA adapters resident at once (LRU).")
+    max_lora_rank: int = _f(16, "Largest LoRA rank accepted.")
+    max_n: int = _f(8, "Largest `n` a request may ask for.")
+    api_keys_env: str = _f("RAYDAPT_API_KEYS", "Env var with comma-separated API keys (unset: no auth).")
+    api_keys_file: str = _f("", "File with one API key per line.")
+    dtype: str = _f("auto", "Engine dtype.")
+
+
+@dataclass
+class ClusterConfig:
+    """How to reach Ray."""
+
+    address: str = _f("", "Ray address; empty uses RAY_ADDRESS or starts a local cluster.")
+    num_cpus: int = _f(8, "Logical CPUs of a local cluster (oversubscribed on purpose, see PLATFORM).")
+    num_gpus: int = _f(0, "GPUs of a local cluster.")
+    object_store_gib: float = _f(2.0, "Object store of a local cluster, GiB.")
+    connect_timeout_s: float = _f(20.0, "Give up connecting to `address` after this long.")
+
+
+STAGES = ("prepare", "teach", "train", "tune", "eval", "serve")
+
+
+@dataclass
+class JobConfig:
+    """A whole raydapt job."""
+
+    name: str = _f("job", "Job name; default output_dir is runs/<name>.")
+    output_dir: str = _f("", "Where every stage writes; empty means runs/<name>.")
+    stages: list = _f(["prepare", "train", "eval"], f"Stages `raydapt run` chains, from {STAGES}.")
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(preset="small"))
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    teach: TeachConfig = field(default_factory=TeachConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or os.path.join("runs", self.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig)}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "corpus.source": ("world", "files"),
+    "corpus.format": ("auto", "jsonl", "parquet", "txt"),
+    "prepare.chat_template": ("auto", "always", "never"),
+    "teach.kind": ("score", "generate", "generate+score"),
+    "teach.backend": ("vllm", "hf"),
+    "teach.split": ("train", "validation", "all"),
+    "train.mode": ("full", "lora", "transfer", "distill"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.teacher": ("offline", "online"),
+    "train.kd_loss": ("forward_kl", "reverse_kl", "jsd"),
+    "train.new_head": ("", "classification"),
+    "tune.search": ("random", "grid", "optuna"),
+    "tune.scheduler": ("fifo", "asha", "pbt"),
+    "tune.mode": ("min", "max"),
+    "teacher.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "student.dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+
+_POSITIVE = (
+    "prepare.seq_len", "prepare.rows_per_shard", "teach.k", "teach.batch_size", "teach.n",
+    "teach.max_tokens", "teach.min_actors", "teach.tensor_parallel_size", "train.batch_size",
+    "train.grad_accum", "train.max_steps", "train.lora_r", "train.kd_k", "train.kd_chunk",
+    "tune.num_samples", "tune.max_concurrent_trials", "eval.batch_size", "eval.max_new_tokens",
+    "serve.min_replicas", "serve.max_ongoing_requests", "serve.max_n", "cluster.num_cpus",
+)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: type, path: str, problems: list[str]) -> Any:
+    """Check `value` against the field type; ints are accepted for floats."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 3e-4 as a string
+        except ValueError:
+            pass
+    if tp in (list, dict) and value is None:
+        return tp()
+    if tp is bool and not isinstance(value, bool):
+        problems.append(f"{path}: expected true/false, got {value!r}")
+        return None
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        problems.append(f"{path}: expected an integer, got {value!r}")
+        return None
+    if not isinstance(value, tp):
+        problems.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
+    return value
+
+
+def _resolve_type(tp: Any) -> Any:
+    if isinstance(tp, str):
+        return {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}.get(
+            tp, tp
+        )
+    if isinstance(tp, types.GenericAlias) or typing.get_origin(tp):
+        return typing.get_origin(tp)
+    return tp
+
+
+def _build_section(cls: type, data: Any, section: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{section}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            hint = _closest(key, known)
+            problems.append(f"{section}.{key}: unknown key{hint}")
+            continue
+        tp = _resolve_type(known[key].type)
+        coerced = _coerce(value, tp, f"{section}.{key}", problems)
+        if coerced is not None:
+            kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _closest(key: str, known: dict) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean `{match[0]}`?)" if match else f" (known: {', '.join(known)})"
+
+
+def job_from_dict(data: dict, source: str = "<job>") -> JobConfig:
+    """Build and validate a JobConfig; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level: expected a mapping of sections, got {type(data).__name__}"], source)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in _SECTIONS:
+            problems.append(f"{key}: unknown section{_closest(key, _SECTIONS)}")
+            continue
+        tp = _SECTIONS[key]
+        tp = _resolve_type(tp)
+        if dataclasses.is_dataclass(globals().get(tp) if isinstance(tp, str) else tp):
+            cls = globals()[tp] if isinstance(tp, str) else tp
+            kwargs[key] = _build_section(cls, value, key, problems)
+        else:
+            coerced = _coerce(value, tp, key, problems)
+            if coerced is not None:
+                kwargs[key] = coerced
+    cfg = JobConfig(**kwargs)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def validate(cfg: JobConfig) -> list[str]:
+    """Cross-field checks. Returns problems instead of raising so callers collect them all."""
+    p: list[str] = []
+    for dotted, choices in _CHOICES.items():
+        v = get_dotted(cfg, dotted)
+        if v not in choices:
+            p.append(f"{dotted}: {v!r} is not one of {', '.join(map(repr, choices))}")
+    for dotted in _POSITIVE:
+        v = get_dotted(cfg, dotted)
+        if not (isinstance(v, (int, float)) and v > 0):
+            p.append(f"{dotted}: must be > 0, got {v!r}")
+    for s in cfg.stages:
+        if s not in STAGES:
+            p.append(f"stages: {s!r} is not a stage; choose from {', '.join(STAGES)}")
+    if not 0.0 <= cfg.prepare.val_fraction < 1.0:
+        p.append(f"prepare.val_fraction: must be in [0, 1), got {cfg.prepare.val_fraction}")
+    if cfg.corpus.source == "files" and not cfg.corpus.paths:
+        p.append("corpus.paths: corpus.source is `files` but no paths are given")
+    unknown_tasks = set(cfg.corpus.world_tasks) - set(_world_tasks())
+    if cfg.corpus.source == "world" and unknown_tasks:
+        p.append(f"corpus.world_tasks: unknown {sorted(unknown_tasks)}; known {_world_tasks()}")
+    if cfg.teach.max_actors < cfg.teach.min_actors:
+        p.append("teach.max_actors: must be >= teach.min_actors")
+    if cfg.serve.max_replicas < cfg.serve.min_replicas:
+        p.append("serve.max_replicas: must be >= serve.min_replicas")
+    if not 0.0 <= cfg.train.kd_alpha <= 1.0:
+        p.append(f"train.kd_alpha: must be in [0, 1], got {cfg.train.kd_alpha}")
+    if not 0.0 < cfg.train.jsd_beta < 1.0:
+        p.append(f"train.jsd_beta: must be in (0, 1), got {cfg.train.jsd_beta}")
+    if cfg.train.kd_temperature <= 0:
+        p.append(f"train.kd_temperature: must be > 0, got {cfg.train.kd_temperature}")
+    if cfg.train.lr <= 0:
+        p.append(f"train.lr: must be > 0, got {cfg.train.lr}")
+    if cfg.train.num_workers < 0:
+        p.append(f"train.num_workers: must be >= 0, got {cfg.train.num_workers}")
+    if cfg.train.mode == "distill" and cfg.train.teacher == "offline" and "teach" not in cfg.stages:
+        pass  # targets may come from an earlier run; the train stage checks they exist
+    if cfg.train.mode == "distill" and cfg.train.teacher == "offline" and cfg.teach.k > cfg.train.kd_k:
+        p.append(
+            f"teach.k: the teacher would store k={cfg.teach.k} but train.kd_k={cfg.train.kd_k}; "
+            "raise train.kd_k or lower teach.k"
+        )
+    if cfg.train.mode == "lora" and not cfg.train.lora_targets:
+        p.append("train.lora_targets: lora mode needs at least one target module")
+    if cfg.train.mode == "transfer" and cfg.train.freeze_layers < 0:
+        p.append("train.freeze_layers: must be >= 0")
+    if cfg.teach.kind != "generate" and "teach" in cfg.stages and cfg.teach.k > 20 and cfg.teach.backend == "vllm":
+        pass  # the engine's max_logprobs is raised to k by the pool; nothing to check here
+    for key, spec in cfg.tune.space.items():
+        p += _validate_space_entry(key, spec)
+    return p
+
+
+_SPACE_FORMS = ("loguniform", "uniform", "choice", "randint", "grid")
+
+
+def _validate_space_entry(key: str, spec: Any) -> list[str]:
+    where = f"tune.space.{key}"
+    if not key.startswith("train."):
+        return [f"{where}: only train.* keys can be searched"]
+    name = key.split(".", 1)[1]
+    if name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return [f"{where}: train has no key `{name}`{_closest(name, {f.name: 1 for f in dataclasses.fields(TrainConfig)})}"]
+    if not isinstance(spec, dict) or len(spec) != 1:
+        return [f"{where}: expected one of {{{'|'.join(_SPACE_FORMS)}: ...}}, got {spec!r}"]
+    (form, args), = spec.items()
+    if form not in _SPACE_FORMS:
+        return [f"{where}: unknown form `{form}`; use one of {', '.join(_SPACE_FORMS)}"]
+    if not isinstance(args, list) or not args:
+        return [f"{where}.{form}: expected a non-empty list, got {args!r}"]
+    if form in ("loguniform", "uniform", "randint"):
+        if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or args[0] >= args[1]:
+            return [f"{where}.{form}: expected [low, high] with low < high, got {args!r}"]
+        if form == "loguniform" and args[0] <= 0:
+            return [f"{where}.loguniform: bounds must be > 0, got {args!r}"]
+    return []
+
+
+def _world_tasks() -> list[str]:
+    from raydapt.world import TASKS
+
+    return list(TASKS)
+
+
+def get_dotted(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003). Values are parsed as YAML scalars or lists."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r}: expected section.key=value"], "command line")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_job(path: str | os.PathLike | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML (or defaults when path is None), apply overrides, validate everything."""
+    source = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"job file not found: {p} (pass a YAML file such as jobs/demo.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"YAML syntax: {e}"], source) from None
+        if isinstance(data, dict):
+            data.setdefault("name", p.stem)
+    data = apply_overrides(data, overrides or [])
+    return job_from_dict(data, source)
+
+
+def explain() -> str:
+    """Every key with its default and help, for `raydapt config --explain`."""
+    lines = []
+    for sect in dataclasses.fields(JobConfig):
+        tp = _resolve_type(sect.type)
+        cls = globals()[tp] if isinstance(tp, str) and tp in globals() else tp
+        if dataclasses.is_dataclass(cls):
+            lines.append(f"\n{sect.name}:  # {cls.__doc__.strip().splitlines()[0]}")
+            for f in dataclasses.fields(cls):
+                d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                lines.append(f"  {f.name}: {d!r:<24} # {f.metadata.get('help', '')}")
+        else:
+            d = sect.default if sect.default is not dataclasses.MISSING else sect.default_factory()
+            lines.append(f"{sect.name}: {d!r}  # {sect.metadata.get('help', '')}")
+    return "\n".join(lines)

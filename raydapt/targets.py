@@ -1,0 +1,255 @@
+"""The targets dataset: the contract between the teacher pool and the trainer.
+
+Parquet files plus `manifest.json`, one row per training sequence (DESIGN.md):
+
+    id             string                              stable content-hash id, exactly once
+    input_ids      list<int32>                         prompt + response tokens, length T
+    loss_mask      list<uint8>                         1 where the loss applies (aligned with logits[t])
+    topk_ids       list<fixed_size_list<ID, k>>        teacher's top-k ids for token t+1
+    topk_logprobs  list<fixed_size_list<float16, k>>   their log-probabilities (temperature 1)
+
+Alignment: position t holds the teacher's distribution over token t+1 given tokens 0..t,
+the same alignment as the student's `logits[t]`; vLLM's `prompt_logprobs[t+1]` is that
+distribution. The last position has no next token: its top-k is padding and its loss_mask 0.
+
+Encoding: ID is uint16 when the vocabulary fits (else int32); the manifest's `encoding`
+says which. float16 logprobs keep the KL exact to well under 1e-3 (tests check it).
+
+Exactly once: the teacher writes parts into `<final>.parts/`, each part written to a
+temporary name and renamed, so a part either exists whole or not at all. A rerun reads the
+ids already done and computes only the rest. `finalize` consolidates the parts, keeping each
+id once, into `<final>/` through an atomic rename; the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydapt.errors import UserError
+from raydapt.storage import atomic_dir, finish_manifest, read_manifest
+
+GENERATION_COLUMNS = ("prompt_ids", "response_ids", "text", "sample_index")
+
+
+def id_dtype_for(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "int32"
+
+
+def schema(k: int, id_dtype: str = "int32", generation: bool = False, logits: bool = True) -> pa.Schema:
+    ids_t = {"uint16": pa.uint16(), "int32": pa.int32()}[id_dtype]
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("input_ids", pa.list_(pa.int32())),
+        pa.field("loss_mask", pa.list_(pa.uint8())),
+    ]
+    if logits:
+        fields += [
+            pa.field("topk_ids", pa.list_(pa.list_(ids_t, k))),
+            pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16(), k))),
+        ]
+    if generation:
+        fields += [
+            pa.field("prompt_ids", pa.list_(pa.int32())),
+            pa.field("response_ids", pa.list_(pa.int32())),
+            pa.field("text", pa.string()),
+            pa.field("sample_index", pa.int32()),
+        ]
+    return pa.schema(fields)
+
+
+def _fixed_list(values: np.ndarray, k: int, item_type: pa.DataType) -> pa.Array:
+    """(T, k) numpy -> fixed_size_list<item, k> array of length T, without Python loops."""
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=item_type)
+    return pa.FixedSizeListArray.from_arrays(flat, k)
+
+
+def _list_of(arrays: list[pa.Array], item_type: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([len(a) for a in arrays])
+    values = pa.concat_arrays(arrays) if arrays else pa.array([], type=item_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def make_table(
+    ids: list[str],
+    input_ids: list[np.ndarray],
+    loss_mask: list[np.ndarray],
+    topk_ids: list[np.ndarray] | None,
+    topk_logprobs: list[np.ndarray] | None,
+    k: int,
+    id_dtype: str = "int32",
+    generation: dict[str, list] | None = None,
+) -> pa.Table:
+    """Dense per-row arrays -> a table in the targets schema.
+
+    topk_ids[i] and topk_logprobs[i] have shape (T_i, k), aligned with input_ids[i] (T_i,).
+    """
+    logits = topk_ids is not None
+    sch = schema(k, id_dtype, generation is not None, logits)
+    cols: dict[str, pa.Array] = {
+        "id": pa.array(ids, pa.string()),
+        "input_ids": pa.array([np.asarray(x, np.int32) for x in input_ids], pa.list_(pa.int32())),
+        "loss_mask": pa.array([np.asarray(x, np.uint8) for x in loss_mask], pa.list_(pa.uint8())),
+    }
+    if logits:
+        np_id = np.uint16 if id_dtype == "uint16" else np.int32
+        for i, (t, a, b) in enumerate(zip(input_ids, topk_ids, topk_logprobs)):
+            if a.shape != (len(t), k) or b.shape != (len(t), k):
+                raise ValueError(f"row {ids[i]}: top-k shapes {a.shape}/{b.shape} != ({len(t)}, {k})")
+        cols["topk_ids"] = _list_of(
+            [_fixed_list(a.astype(np_id), k, sch.field("topk_ids").type.value_type.value_type) for a in topk_ids],
+            sch.field("topk_ids").type.value_type,
+        )
+        cols["topk_logprobs"] = _list_of(
+            [_fixed_list(b.astype(np.float16), k, pa.float16()) for b in topk_logprobs],
+            sch.field("topk_logprobs").type.value_type,
+        )
+    if generation is not None:
+        cols["prompt_ids"] = pa.array(generation["prompt_ids"], pa.list_(pa.int32()))
+        cols["response_ids"] = pa.array(generation["response_ids"], pa.list_(pa.int32()))
+        cols["text"] = pa.array(generation["text"], pa.string())
+        cols["sample_index"] = pa.array(generation["sample_index"], pa.int32())
+    return pa.table([cols[f.name] for f in sch], schema=sch)
+
+
+def decode_row_topk(table: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row i's (T, k) top-k ids (int64) and logprobs (float32)."""
+    ids = table.column("topk_ids")[i].values.flatten().to_numpy(zero_copy_only=False)
+    lps = table.column("topk_logprobs")[i].values.flatten().to_numpy(zero_copy_only=False)
+    k = table.schema.field("topk_ids").type.value_type.list_size
+    return ids.astype(np.int64).reshape(-1, k), lps.astype(np.float32).reshape(-1, k)
+
+
+def collate(rows: dict[str, list], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Pad a batch of target rows (as python lists / arrays) to (B, seq_len[, k]) numpy arrays.
+
+    Used on batches from Ray Data (`iter_batches(batch_format="numpy")` yields object
+    arrays of per-row lists). Positions past a row's length get loss_mask 0.
+    """
+    n = len(rows["input_ids"])
+    out = {
+        "input_ids": np.full((n, seq_len), pad_id, np.int64),
+        "loss_mask": np.zeros((n, seq_len), np.float32),
+    }
+    has_topk = "topk_ids" in rows
+    if has_topk:
+        k = len(np.asarray(rows["topk_ids"][0][0]))
+        out["topk_ids"] = np.zeros((n, seq_len, k), np.int64)
+        out["topk_logprobs"] = np.zeros((n, seq_len, k), np.float32)
+        out["topk_logprobs"][:, :, 1:] = -np.inf  # padding positions: all mass on slot 0
+    for i in range(n):
+        ids = np.asarray(rows["input_ids"][i])[:seq_len]
+        t = len(ids)
+        out["input_ids"][i, :t] = ids
+        out["loss_mask"][i, :t] = np.asarray(rows["loss_mask"][i])[:t]
+        if has_topk:
+            out["topk_ids"][i, :t] = np.stack(rows["topk_ids"][i])[:t]
+            out["topk_logprobs"][i, :t] = np.stack(rows["topk_logprobs"][i])[:t].astype(np.float32)
+    return out
+
+
+class PartStore:
+    """Staging folder of whole parts; the unit of exactly-once progress."""
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        self.dir = self.final.with_name(self.final.name + ".parts")
+
+    def files(self) -> list[Path]:
+        return sorted(self.dir.glob("part-*.parquet")) if self.dir.exists() else []
+
+    def done_ids(self) -> set[str]:
+        done: set[str] = set()
+        for f in self.files():
+            try:
+                done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+            except (pa.ArrowInvalid, OSError):
+                f.unlink(missing_ok=True)  # a torn part cannot exist (rename), but be safe
+        return done
+
+    def write(self, table: pa.Table) -> Path:
+        """Write one part atomically: temp name, fsync, rename."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"part-{uuid.uuid4().hex[:12]}.parquet"
+        tmp = self.dir / f".{name}.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.dir / name)
+        return self.dir / name
+
+    def finalize(self, manifest: dict, rows_per_file: int = 4096) -> dict:
+        """Consolidate the parts into `final/`, each id once, then remove the staging folder."""
+        tables = [pq.read_table(f) for f in self.files()]
+        if not tables:
+            raise UserError(f"no targets were produced for {self.final}")
+        table = pa.concat_tables(tables, promote_options="default")
+        table = _unique_by_id(table)
+        with atomic_dir(self.final) as tmp:
+            for i, start in enumerate(range(0, table.num_rows, rows_per_file)):
+                pq.write_table(table.slice(start, rows_per_file), tmp / f"targets-{i:05d}.parquet", compression="zstd")
+            n_tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py())
+            size = sum(f.stat().st_size for f in tmp.glob("*.parquet"))
+            manifest = {
+                **manifest,
+                "rows": table.num_rows,
+                "tokens": n_tokens,
+                "bytes": size,
+                "bytes_per_token": size / max(n_tokens, 1),
+                "columns": table.schema.names,
+            }
+            manifest = finish_manifest(tmp, manifest)
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return manifest
+
+
+def _unique_by_id(table: pa.Table) -> pa.Table:
+    ids = table.column("id").to_pylist()
+    seen: set[str] = set()
+    keep = []
+    for i, x in enumerate(ids):
+        if x not in seen:
+            seen.add(x)
+            keep.append(i)
+    order = sorted(keep, key=lambda i: ids[i])  # deterministic order whatever the pool size
+    return table.take(pa.array(order, pa.int64()))
+
+
+def read_targets(folder: str | os.PathLike) -> tuple[dict, list[Path]]:
+    """The manifest and parquet files of a complete targets folder."""
+    folder = Path(folder)
+    m = read_manifest(folder)
+    if m is None:
+        raise UserError(f"targets at {folder} are missing or incomplete; run `raydapt teach JOB` first")
+    return m, sorted(folder.glob("targets-*.parquet"))
+
+
+def check_compatible(manifest: dict, student_tokenizer_hash: str, kd_k: int, where: str) -> None:
+    """Logit targets only make sense with the student's tokenizer and a k the loss expects."""
+    problems = []
+    t_hash = manifest.get("tokenizer_hash")
+    if t_hash != student_tokenizer_hash:
+        problems.append(
+            f"the targets were scored with tokenizer {t_hash} ({manifest.get('tokenizer_path', '?')}) "
+            f"but the student's tokenizer is {student_tokenizer_hash}; rerun `raydapt teach` with "
+            "the student's tokenizer (teach.kind=score needs a shared vocabulary)"
+        )
+    k = manifest.get("k")
+    if isinstance(k, int) and k > kd_k:
+        problems.append(f"the targets hold top-{k} but train.kd_k={kd_k}; set train.kd_k>={k}")
+    if problems:
+        raise UserError(f"{where}: " + "; ".join(problems))
+
+
+def iter_tables(files: Iterable[Path]) -> Iterable[pa.Table]:
+    for f in files:
+        yield pq.read_table(f)
