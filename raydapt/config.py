@@ -78,6 +78,7 @@ class PrepareConfig:
     chat_template: str = _f("auto", "auto|always|never: use the tokenizer's chat template.")
     rows_per_shard: int = _f(8192, "Packed rows per parquet shard.")
     num_blocks: int = _f(0, "Ray Data read parallelism; 0 lets Ray choose.")
+    workers: int = _f(2, "Tokenizer actors (one tokenizer load each); about one per core.")
 
 
 @dataclass
@@ -192,6 +193,7 @@ class ServeConfig:
     target_ongoing_requests: int = _f(8, "Autoscaling: target ongoing requests per replica.")
     max_ongoing_requests: int = _f(64, "Requests a replica accepts before overload (503).")
     max_queued_requests: int = _f(64, "Requests queued at the proxy before 503.")
+    retry_after_s: int = _f(1, "Retry-After (seconds) sent with the 503 of an overloaded server.")
     cpus_per_replica: float = _f(1.0, "Logical CPUs per replica.")
     gpus_per_replica: float = _f(0.0, "GPUs per replica.")
     max_model_len: int = _f(0, "Engine context length; 0 takes the model's.")

@@ -227,3 +227,38 @@ def weights_hash(folder: str | Path) -> str:
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def resolve_model(cfg: Any, role: str) -> Path:
+    """The folder of the job's `teacher` or `student`, building it from its preset if needed.
+
+    A preset model is built once under <out>/models/<role> from the job's corpus. A student
+    built from a preset reuses the teacher's tokenizer when the teacher is also local, since
+    logit distillation needs one shared vocabulary.
+    """
+    from raydapt import layout
+    from raydapt.corpus import corpus_files_for_tokenizer
+
+    spec = getattr(cfg, role)
+    if spec.path:
+        if os.path.isdir(spec.path) or not spec.preset:
+            _check_source(spec.path)
+            return Path(spec.path)
+    if not spec.preset:
+        raise UserError(f"{role}.path is empty and {role}.preset is not set; give one of them")
+    out = layout.models_dir(cfg) / role
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    tokenizer_from = None
+    if role == "student" and cfg.teacher.preset and not cfg.teacher.path:
+        tokenizer_from = resolve_model(cfg, "teacher")
+    elif role == "student" and cfg.teacher.path and os.path.isdir(cfg.teacher.path):
+        tokenizer_from = cfg.teacher.path
+    corpus = corpus_files_for_tokenizer(cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    init_model(spec.preset, corpus, tmp, seed=cfg.train.seed, tokenizer_from=tokenizer_from)
+    os.replace(tmp, out)
+    return out

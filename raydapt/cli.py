@@ -1,0 +1,162 @@
+"""The `raydapt` command line: `raydapt <stage> JOB [section.key=value ...]`.
+
+    raydapt prepare jobs/demo.yaml prepare.seq_len=128
+    raydapt train jobs/lora.yaml train.lr=3e-4 --address ray://head:10001
+    raydapt serve runs/demo/train/final
+    raydapt init-model --preset tiny --corpus corpus.jsonl --out models/tiny
+    raydapt config jobs/demo.yaml          # print the validated config
+    raydapt config --explain               # every key, its default and what it does
+
+Exit codes: 0 success, 2 user error (bad config or input; the message names the file or key
+and the fix), 1 internal failure. Also runs as `python -m raydapt ...`, which is how
+`ray job submit --working-dir . -- python -m raydapt run jobs/x.yaml` calls it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from raydapt.errors import UserError
+
+STAGE_HELP = {
+    "prepare": "Ray Data: read, validate, dedupe, tokenize, pack and split the corpus.",
+    "teach": "Teacher actor pool (vLLM): generations and/or top-k logprobs as targets.",
+    "train": "Ray Train + FSDP2: full, lora, transfer or distill training; exports HF format.",
+    "tune": "Ray Tune: sweep train.* hyperparameters over the same prepared data and targets.",
+    "eval": "Held-out loss, perplexity and exact-match on a model folder or endpoint.",
+    "serve": "Ray Serve: OpenAI-compatible HTTP API on vLLM, with multi-LoRA.",
+    "run": "Chain the job's `stages`, skipping those that are up to date.",
+}
+
+# stage -> "module:function"; each function takes a JobConfig.
+ENTRY = {
+    "prepare": "raydapt.corpus:run",
+    "teach": "raydapt.teacher:run",
+    "train": "raydapt.train.launch:run",
+    "tune": "raydapt.tune:run",
+    "eval": "raydapt.evaluate:run",
+    "serve": "raydapt.serve:run",
+    "run": "raydapt.pipeline:run",
+}
+
+OVERRIDES_HELP = "overrides as section.key=value, e.g. train.lr=3e-4 train.mode=lora"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="raydapt",
+        description="Adapt LLMs on Ray (fine-tuning, distillation, transfer learning) and serve them.",
+        epilog="Run `raydapt config --explain` for every job key. Docs: README.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_ in STAGE_HELP.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        target = "JOB|MODEL_DIR" if name == "serve" else "JOB"
+        p.add_argument("job", metavar=target, help="job YAML file (see jobs/)" + (" or a model folder" if name == "serve" else ""))
+        p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+        p.add_argument("--address", default=None, help="Ray cluster address (else RAY_ADDRESS, else a local cluster)")
+        if name == "serve":
+            p.add_argument("--no-block", action="store_true", help="start the app and return (prints the URL)")
+    p = sub.add_parser("init-model", help="Build a random Llama + BPE tokenizer from a preset.")
+    p.add_argument("--preset", required=True, choices=["tiny", "small", "base"], help="model size")
+    p.add_argument("--corpus", required=True, help="jsonl/txt file to train the tokenizer on")
+    p.add_argument("--out", required=True, help="output folder (HF format, safetensors)")
+    p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (upper bound)")
+    p.add_argument("--tokenizer-from", default=None, help="reuse this model folder's tokenizer")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="The embedded demo: build a teacher, distill a student, compare, serve.")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p = sub.add_parser("config", help="Validate and print a job's config, or explain every key.")
+    p.add_argument("job", nargs="?", help="job YAML file")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--explain", action="store_true", help="list every key with its default and meaning")
+    return ap
+
+
+def _load(args: argparse.Namespace):
+    from raydapt.config import load_job
+
+    if getattr(args, "command", None) == "serve" and os.path.isdir(args.job):
+        return load_job(None, [f"serve.model={os.path.abspath(args.job)}", *args.overrides])
+    return load_job(args.job, args.overrides)
+
+
+def _entry(stage: str):
+    module, fn = ENTRY[stage].split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith(module.split(".")[0]) and module.startswith(e.name):
+            raise UserError(f"`raydapt {stage}` is not built yet in this version") from None
+        raise
+    return getattr(mod, fn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        print(f"raydapt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raydapt: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - the top level turns crashes into exit code 1
+        traceback.print_exc()
+        print("raydapt: internal error (exit 1); the traceback above says where", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "init-model":
+        from raydapt.models import init_model
+
+        out = init_model(args.preset, args.corpus, args.out, args.vocab_size, args.seed, args.tokenizer_from)
+        print(f"init-model: {args.preset} -> {out}")
+        return 0
+    if args.command == "config":
+        from raydapt.config import explain
+
+        if args.explain or not args.job:
+            print(explain())
+            return 0
+        print(json.dumps(_load(args).to_dict(), indent=2))
+        return 0
+    if args.command == "demo":
+        from raydapt.config import load_job
+
+        job = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
+        cfg = load_job(job if job.is_file() else None, args.overrides)
+        return _run_stage("run", cfg, None)
+    cfg = _load(args)
+    return _run_stage(args.command, cfg, args.address, block=not getattr(args, "no_block", False))
+
+
+def _run_stage(stage: str, cfg, address: str | None, block: bool = True) -> int:
+    fn = _entry(stage)  # fails fast, before a cluster starts, if the stage is missing
+    from raydapt.cluster import connect
+
+    connect(cfg.cluster, address)
+    result = fn(cfg, block=block) if stage == "serve" else fn(cfg)
+    if isinstance(result, dict) and result.get("failed"):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

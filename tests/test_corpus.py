@@ -1,0 +1,149 @@
+"""`raydapt prepare` on a real local Ray cluster: formats, drop reasons, packing, reruns."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydapt import corpus
+from raydapt.config import job_from_dict
+from raydapt.errors import UserError
+from raydapt.storage import read_manifest
+
+
+def make_cfg(tmp_path, model_dir, paths, **prepare):
+    return job_from_dict({
+        "output_dir": str(tmp_path / "out"),
+        "corpus": {"source": "files", "paths": [str(p) for p in paths]},
+        "student": {"path": str(model_dir), "preset": ""},
+        "prepare": {"seq_len": 64, "val_fraction": 0.2, **prepare},
+    })
+
+
+def read_split(out, split):
+    files = corpus.split_files(out / "prepared", split)
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def test_pack_hand_computed():
+    docs = [(np.array([1, 2, 3]), np.array([0, 1, 1])),
+            (np.array([4, 5]), np.array([0, 1])),
+            (np.array([6, 7, 8, 9]), np.array([0, 0, 1, 1]))]
+    rows = corpus.pack(docs, seq_len=5)
+    assert [r[2] for r in rows] == [[0, 1], [2]]
+    ids, mask, _ = rows[0]
+    assert ids.tolist() == [1, 2, 3, 4, 5]
+    # mask[t] = target[t+1]: predicting 2, 3 and 5 counts; 3->4 crosses documents and does not
+    assert mask.tolist() == [1, 1, 0, 1, 0]
+    assert rows[1][1].tolist() == [0, 1, 1, 0]
+
+
+def test_jsonl_rows_and_every_drop_reason(tmp_path, tiny_model_dir, ray_cluster):
+    f = tmp_path / "c.jsonl"
+    good = [{"text": f"hello world {i}"} for i in range(30)]
+    good += [{"prompt": f"add {i} 1", "response": f"#### {i + 1}"} for i in range(30)]
+    good += [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]}
+             for i in range(10)]
+    lines = [json.dumps(r) for r in good]
+    lines += ['{"text": "broken', json.dumps([1, 2]), json.dumps({"other": 1})]          # 3 malformed
+    lines += [json.dumps({"text": "   "}), json.dumps({"prompt": "", "response": "x"})]    # 2 empty
+    lines += [json.dumps({"text": "x" * 5000})]                                            # too long chars
+    lines += [json.dumps({"text": " ".join(["a b c d e f"] * 40)})]                        # too long tokens
+    lines += [json.dumps(good[0]), json.dumps(good[40])]                                   # 2 duplicates
+    f.write_text("\n".join(lines) + "\n")
+    cfg = make_cfg(tmp_path, tiny_model_dir, [f], max_chars=1000)
+    m = corpus.run(cfg)
+    assert m["dropped"] == {"malformed": 3, "empty": 2, "too_long_chars": 1, "too_long_tokens": 1, "duplicate": 2}
+    assert m["documents"] == 70
+    assert any("broken" in ex for ex in m["drop_examples"]["malformed"])
+    train, val = read_split(cfg.out, "train"), read_split(cfg.out, "validation")
+    assert train.num_rows > 0 and val.num_rows > 0
+    for t in (train, val):
+        for ids, mask in zip(t.column("input_ids").to_pylist(), t.column("loss_mask").to_pylist()):
+            assert len(ids) == len(mask) <= 64 and mask[-1] == 0
+    assert m["prompts"] > 0  # prompt rows of the train split feed teacher generation
+
+    # prompt tokens are masked: the loss covers exactly the response (+eos) of a prompt row
+    from raydapt.models import load_tokenizer
+    tok = load_tokenizer(tiny_model_dir)
+    nopack = make_cfg(tmp_path / "np", tiny_model_dir, [f], max_chars=1000, pack=False)
+    corpus.run(nopack)
+    rows = read_split(nopack.out, "train").to_pylist() + read_split(nopack.out, "validation").to_pylist()
+    for r in rows:
+        text = tok.decode(r["input_ids"])
+        if text.startswith("<|user|>add 3 1"):
+            learned = [r["input_ids"][t + 1] for t, v in enumerate(r["loss_mask"]) if v]
+            assert tok.decode(learned) == "#### 4<|eos|>"
+            break
+    else:
+        pytest.fail("prompt row not found")
+
+    # rerun: up to date, nothing rewritten
+    before = (cfg.out / "prepared" / "manifest.json").stat().st_mtime_ns
+    again = corpus.run(cfg)
+    assert again.get("skipped") is True
+    assert (cfg.out / "prepared" / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_parquet_and_txt_inputs(tmp_path, tiny_model_dir, ray_cluster):
+    pq.write_table(pa.table({"prompt": [f"sort {i} 2" for i in range(20)],
+                             "response": [f"#### {i}" for i in range(20)]}), tmp_path / "a.parquet")
+    cfg = make_cfg(tmp_path / "p", tiny_model_dir, [tmp_path / "*.parquet"])
+    m = corpus.run(cfg)
+    assert m["documents"] == 20 and m["format"] == "parquet"
+    assert m["source_files"][0]["size"] > 0 and m["source_files"][0]["mtime"] > 0
+
+    (tmp_path / "t.txt").write_text("first line\n\nsecond line\nthird line\n")
+    cfg = make_cfg(tmp_path / "t", tiny_model_dir, [tmp_path / "t.txt"], val_fraction=0.0)
+    m = corpus.run(cfg)
+    assert m["documents"] == 3 and m["dropped"]["empty"] == 1
+
+
+def test_split_is_deterministic_by_content():
+    hashes = [f"{i:08x}" + "0" * 12 for i in range(0, 2**32, 2**22)]
+    a = [corpus.split_of(h, 0.1) for h in hashes]
+    assert a == [corpus.split_of(h, 0.1) for h in hashes]
+    assert 0 < a.count("validation") < len(a)
+
+
+def test_zero_usable_rows_is_a_user_error(tmp_path, tiny_model_dir, ray_cluster):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"nope": 1}\nnot json\n')
+    cfg = make_cfg(tmp_path, tiny_model_dir, [f])
+    with pytest.raises(UserError, match="zero usable rows"):
+        corpus.run(cfg)
+    assert read_manifest(cfg.out / "prepared") is None
+    assert not list(cfg.out.glob("prepared.tmp-*"))  # nothing half-written left behind
+
+
+def test_missing_file_unreadable_shard_and_vocab_mismatch(tmp_path, tiny_model_dir):
+    with pytest.raises(UserError, match="file not found"):
+        corpus.run(make_cfg(tmp_path, tiny_model_dir, [tmp_path / "absent.jsonl"]))
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(UserError, match="unreadable parquet shard .*x.parquet"):
+        corpus.run(make_cfg(tmp_path, tiny_model_dir, [tmp_path / "x.parquet"]))
+    # a model whose embedding is smaller than its tokenizer
+    import shutil
+    small = tmp_path / "small"
+    shutil.copytree(tiny_model_dir, small)
+    cfgj = json.loads((small / "config.json").read_text())
+    cfgj["vocab_size"] = 100
+    (small / "config.json").write_text(json.dumps(cfgj))
+    (tmp_path / "ok.jsonl").write_text('{"text": "hi"}\n')
+    with pytest.raises(UserError, match="tokenizer has .* tokens but the model's embedding has 100 rows"):
+        corpus.run(make_cfg(tmp_path, small, [tmp_path / "ok.jsonl"]))
+
+
+def test_leftover_tmp_folder_is_ignored(tmp_path, tiny_model_dir, ray_cluster):
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(20)))
+    cfg = make_cfg(tmp_path, tiny_model_dir, [f])
+    stale = cfg.out / "prepared.tmp-crashed"
+    (stale / "train").mkdir(parents=True)
+    (stale / "manifest.json").write_text('{"complete": false}')
+    assert read_manifest(stale) is None
+    m = corpus.run(cfg)
+    assert m["documents"] == 20 and not stale.exists()
+    assert read_manifest(cfg.out / "prepared")["complete"] is True
