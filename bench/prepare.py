@@ -1,0 +1,122 @@
+"""Benchmark: `raydapt prepare` (Ray Data, tokenizer actor pool) vs a single-process loop.
+
+Both tokenize and pack the same generated corpus (>= 50 MB of world jsonl) with the same
+tokenizer, the same `Tokenize` and the same dedupe/pack/write code; the only difference
+is that Ray Data runs tokenization in parallel. Prints tokens/s of each and the ratio.
+
+    .venv/bin/python bench/prepare.py            # 50 MB, 2 runs each, medians
+    .venv/bin/python bench/prepare.py --mb 5 --runs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process, both sides
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pyarrow as pa  # noqa: E402
+
+from raydapt import corpus  # noqa: E402
+from raydapt.config import job_from_dict  # noqa: E402
+from raydapt.storage import read_manifest  # noqa: E402
+
+
+def make_corpus(root: Path, mb: float) -> Path:
+    """World problems and Markov text, repeated with a counter until the file reaches `mb`."""
+    import json
+
+    from raydapt.world import TASKS, generate_problems, markov_docs
+
+    train, _ = generate_problems(list(TASKS), 20_000, 0, seed=1)
+    text = [d["text"] for d in markov_docs(2_000, seed=1)]
+    path = root / "corpus.jsonl"
+    target, size, i = mb * 2**20, 0, 0
+    with open(path, "w") as f:
+        while size < target:
+            p = train[i % len(train)]
+            line = json.dumps({"prompt": f"{p.prompt} #{i}", "response": p.response}) + "\n"
+            if i % 5 == 0:
+                line += json.dumps({"text": text[i % len(text)] + f" {i}"}) + "\n"
+            f.write(line)
+            size += len(line)
+            i += 1
+    return path
+
+
+def baseline(cfg, model_dir: Path, path: Path, out: Path) -> dict:
+    """The same Tokenize and write_prepared, in one process, no Ray."""
+    tok = corpus.Tokenize(str(model_dir), {**cfg.prepare.__dict__, "format": "jsonl"})
+
+    def batches():
+        with open(path) as f:
+            lines = []
+            for line in f:
+                lines.append(line.rstrip("\n"))
+                if len(lines) == 1024:
+                    yield tok(pa.table({"text": lines}))
+                    lines = []
+            if lines:
+                yield tok(pa.table({"text": lines}))
+
+    out.mkdir(parents=True)
+    return corpus.write_prepared(batches(), out, cfg.prepare)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=50.0)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    import ray
+
+    root = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    try:
+        path = make_corpus(root, args.mb)
+        cfg = job_from_dict({
+            "output_dir": str(root / "run"),
+            "corpus": {"source": "files", "paths": [str(path)]},
+            "student": {"preset": "tiny"}, "teacher": {"preset": ""},
+            "prepare": {"seq_len": 256, "workers": args.workers},
+        })
+        ray.init(num_cpus=8, include_dashboard=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        from raydapt.models import resolve_model
+
+        model_dir = resolve_model(cfg, "student")
+        ray_tps, base_tps = [], []
+        for r in range(args.runs):
+            shutil.rmtree(root / "run" / "prepared", ignore_errors=True)
+            t0 = time.perf_counter()
+            corpus.run(cfg)
+            dt = time.perf_counter() - t0
+            m = read_manifest(root / "run" / "prepared")
+            tokens = sum(m["tokens"].values())
+            ray_tps.append(tokens / dt)
+            t0 = time.perf_counter()
+            stats = baseline(cfg, model_dir, path, root / f"base{r}")
+            dt = time.perf_counter() - t0
+            assert stats["rows"] == m["rows"], (stats["rows"], m["rows"])  # same work, same output
+            base_tps.append(sum(stats["tokens"].values()) / dt)
+            print(f"run {r}: raydapt {ray_tps[-1]:,.0f} tok/s, single process {base_tps[-1]:,.0f} tok/s")
+        a, b = statistics.median(ray_tps), statistics.median(base_tps)
+        print(f"\ncorpus {path.stat().st_size / 2**20:.1f} MB, {tokens:,} tokens, {os.cpu_count()} cores")
+        print(f"raydapt prepare   {a:>12,.0f} tokens/s (median of {args.runs})")
+        print(f"single process    {b:>12,.0f} tokens/s (median of {args.runs})")
+        print(f"ratio             {a / b:>12.2f}x  (goal >= 1.5x)")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
