@@ -44,6 +44,7 @@ ENTRY = {
     "eval": "raydapt.evaluate:run",
     "serve": "raydapt.serve:run",
     "run": "raydapt.pipeline:run",
+    "demo": "raydapt.pipeline:demo",
 }
 
 OVERRIDES_HELP = "overrides as section.key=value, e.g. train.lr=3e-4 train.mode=lora"
@@ -142,7 +143,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         job = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
         cfg = load_job(job if job.is_file() else None, args.overrides)
-        return _run_stage("run", cfg, None)
+        return _run_stage("demo", cfg, None)
     cfg = _load(args)
     return _run_stage(args.command, cfg, args.address, block=not getattr(args, "no_block", False))
 
