@@ -68,6 +68,7 @@ def connect(cfg: ClusterConfig | None = None, address: str | None = None):
     else:
         log.info("starting a local Ray cluster with %d logical CPUs", cfg.num_cpus)
         ray.init(
+            address="local",  # never attach to a stray `ray start` cluster by accident
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus or None,
             object_store_memory=int(cfg.object_store_gib * 2**30),

@@ -35,7 +35,7 @@ def _teacher(cfg: JobConfig) -> Path:
 
     model = resolve_model(cfg, "teacher")
     tcfg = derived(cfg, "teacher", student={"path": str(model), "preset": ""},
-                   train={**dataclasses.asdict(cfg.train), **TEACHER_TRAIN}, stages=None)
+                   train={**dataclasses.asdict(cfg.train), **TEACHER_TRAIN})
     run_stages(dataclasses.replace(tcfg, stages=["train"]))
     return layout.export_dir(tcfg)
 

@@ -1,0 +1,70 @@
+"""cluster/: KubeRay and cluster-launcher manifests parse, carry required fields and match the pins."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+
+
+def ray_pin() -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    return re.search(r'"ray\[[^\]]+\]==([0-9.]+)"', text).group(1)
+
+
+def load(name):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def images(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "image" and isinstance(v, str):
+                yield v
+            else:
+                yield from images(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from images(v)
+
+
+@pytest.mark.parametrize("name,kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob"),
+                                       ("rayservice.yaml", "RayService")])
+def test_kuberay_manifest(name, kind):
+    doc = load(name)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind and doc["metadata"]["name"]
+    spec = doc["spec"]
+    cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[kind]
+    assert cluster["rayVersion"] == ray_pin()
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        res = group["template"]["spec"]["containers"][0]["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"]
+    imgs = list(images(doc))
+    assert imgs and all(f"ray{ray_pin()}" in i for i in imgs), imgs
+    if kind == "RayJob":
+        assert "python -m raydapt run jobs/" in spec["entrypoint"]
+        job = spec["entrypoint"].split()[-1]
+        assert (ROOT / job).is_file(), job
+    if kind == "RayService":
+        app = yaml.safe_load(spec["serveConfigV2"])["applications"][0]
+        module, attr = app["import_path"].split(":")
+        mod = __import__(module, fromlist=[attr])
+        assert callable(getattr(mod, attr)), app["import_path"]
+
+
+def test_launcher_yaml():
+    doc = load("launcher-aws.yaml")
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers"):
+        assert key in doc, key
+    assert doc["head_node_type"] in doc["available_node_types"]
+    assert f"ray{ray_pin()}" in doc["docker"]["image"]
+
+
+def test_dockerfile_base_matches_pin():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray_pin()}-" in text

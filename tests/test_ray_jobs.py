@@ -1,0 +1,83 @@
+"""Ray Jobs: `ray job submit ... -- python -m raydapt run JOB` against a real 2-node local cluster.
+
+The head and a second node are real `ray start` processes with their own resources and a
+private temp dir, so no other test's `ray.init` can attach to them.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    tmp = Path(f"/tmp/rdj-{uuid.uuid4().hex[:6]}")
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = str(BIN / "ray")
+    head = [ray_cli, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={tmp}",
+            "--include-dashboard=true", "--disable-usage-stats"]
+    subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
+    subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=4",
+                    '--resources={"second_node": 1}'], check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env={**env, "RAY_TMPDIR": str(tmp)},
+                       capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_job_submission_runs_a_job_on_two_nodes(two_node_cluster, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    dashboard, gcs = two_node_cluster
+    client = JobSubmissionClient(dashboard)
+    out = tmp_path / "run"
+    entry = (f"python -m raydapt run jobs/prepare-only.yaml output_dir={out} "
+             "corpus.world_train=300 corpus.world_heldout=20 corpus.world_markov_docs=20 prepare.seq_len=128")
+    job_id = client.submit_job(
+        entrypoint=entry,
+        runtime_env={"working_dir": str(ROOT),
+                     "excludes": [".venv", ".git", "runs", "*.egg-info", ".pytest_cache", "bench/out"],
+                     "env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    deadline = time.time() + 400
+    status = client.get_job_status(job_id)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "[run] prepare: starting" in logs and "prepare:" in logs
+    manifest = out / "prepared" / "manifest.json"
+    assert manifest.is_file()
+    import json
+    m = json.loads(manifest.read_text())
+    assert m["complete"] is True and m["rows"]["train"] > 0
+    # the job's driver attached to this cluster, not to a new local one
+    assert "connecting to Ray at" in logs and "starting a local Ray cluster" not in logs
