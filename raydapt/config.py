@@ -44,7 +44,7 @@ class ModelConfig:
     """A model: a local folder or a hub id, optionally built on the spot from a preset."""
 
     path: str = _f("", "Local HF folder or hub id. Empty: built from `preset` under output_dir.")
-    preset: str = _f("", "init-model preset (tiny|small|base) used when `path` is empty or absent.")
+    preset: str = _f("", "init-model preset (tiny|small|base) built when `path` is empty.")
     dtype: str = _f("auto", "Weights dtype for inference: auto|float32|bfloat16|float16.")
     trust_remote_code: bool = _f(False, "Pass trust_remote_code to transformers and vLLM.")
 
@@ -165,6 +165,7 @@ class TuneConfig:
     max_concurrent_trials: int = _f(2, "Trials running at once.")
     grace_period: int = _f(1, "ASHA: reports before a trial may be stopped.")
     reduction_factor: int = _f(2, "ASHA: halving rate.")
+    cpus_per_trial: float = _f(0.5, "Logical CPUs each trial's driver reserves (its Train workers add train.cpus_per_worker each).")
     space: dict = _f({}, "train.* key -> {loguniform|uniform: [lo, hi]} | {choice|grid: [...]} | {randint: [lo, hi]}.")
 
 

@@ -461,8 +461,9 @@ def fingerprint(cfg: JobConfig, files: list[dict], tok_hash: str) -> str:
 
 def run(cfg: JobConfig) -> dict:
     """The prepare stage. Returns the manifest (and skips work when it is up to date)."""
-    from raydapt.models import check_vocab, resolve_model, tokenizer_hash
     from transformers import AutoConfig
+
+    from raydapt.models import check_vocab, resolve_model, tokenizer_hash
 
     paths = input_paths(cfg)
     fmts = {file_format(p, cfg.corpus.format) for p in paths}
@@ -487,6 +488,9 @@ def run(cfg: JobConfig) -> dict:
         print(f"prepare: up to date ({out})")
         return {**read_manifest(out), "skipped": True}
     opts = {**cfg.prepare.__dict__, "format": fmt}
+    from raydapt.cluster import connect
+
+    connect(cfg.cluster)  # a no-op under `raydapt run`; library callers get a cluster too
     tokenized = tokenize_dataset(paths, fmt, str(model_dir), opts, cfg.prepare.num_blocks)
     with atomic_dir(out) as tmp:
         stats = write_prepared(tokenized, tmp, cfg.prepare)

@@ -240,10 +240,12 @@ def resolve_model(cfg: Any, role: str) -> Path:
     from raydapt.corpus import corpus_files_for_tokenizer
 
     spec = getattr(cfg, role)
-    if spec.path:
-        if os.path.isdir(spec.path) or not spec.preset:
+    if spec.path:  # an explicit path never falls back to a preset: a typo must not go unnoticed
+        try:
             _check_source(spec.path)
-            return Path(spec.path)
+        except UserError as e:
+            raise UserError(f"{role}.path: {e}; or clear it to build `{role}.preset`") from None
+        return Path(spec.path)
     if not spec.preset:
         raise UserError(f"{role}.path is empty and {role}.preset is not set; give one of them")
     out = layout.models_dir(cfg) / role

@@ -57,6 +57,20 @@ def test_kuberay_manifest(name, kind):
         assert callable(getattr(mod, attr)), app["import_path"]
 
 
+def test_rayservice_builder_binds_the_app(tiny_model_dir, monkeypatch):
+    """The builder the RayService manifest names builds a real Serve application."""
+    from ray.serve import Application
+
+    from raydapt.errors import UserError
+    from raydapt.serve.app import build_from_env
+
+    monkeypatch.delenv("RAYDAPT_SERVE_MODEL", raising=False)
+    with pytest.raises(UserError, match="RAYDAPT_SERVE_MODEL"):
+        build_from_env({})
+    monkeypatch.setenv("RAYDAPT_SERVE_MODEL", str(tiny_model_dir))
+    assert isinstance(build_from_env({"max_replicas": "2"}), Application)
+
+
 def test_launcher_yaml():
     doc = load("launcher-aws.yaml")
     for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers"):

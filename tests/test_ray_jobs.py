@@ -33,22 +33,47 @@ def two_node_cluster():
         ray.shutdown()
     tmp = Path(f"/tmp/rdj-{uuid.uuid4().hex[:6]}")
     port, dash = free_port(), free_port()
+    # Token auth is off on this loopback-only test cluster, so the second node can join
+    # without distributing a token.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(BIN / "ray")
     head = [ray_cli, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
             "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={tmp}",
-            "--include-dashboard=true", "--disable-usage-stats"]
-    subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
-    subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=4",
-                    '--resources={"second_node": 1}'], check=True, env=env, capture_output=True, timeout=180)
+            "--include-dashboard=true", "--disable-usage-stats", f"--ray-client-server-port={free_port()}"]
     try:
+        subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
+        subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=4", f"--temp-dir={tmp}",
+                        '--resources={"second_node": 1}'], check=True, env=env, capture_output=True, timeout=180)
         yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env={**env, "RAY_TMPDIR": str(tmp)},
-                       capture_output=True, timeout=120)
+        # `ray stop` would kill every Ray on the machine; end only this cluster's processes
+        _kill_processes_mentioning(str(tmp), f":{port} ", f":{port}\x00")
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _kill_processes_mentioning(*tokens: str) -> None:
+    import signal
+
+    for _ in range(3):
+        found = False
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
+            except OSError:
+                continue
+            if any(t in cmd for t in tokens):
+                found = True
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        if not found:
+            return
+        time.sleep(1)
 
 
 @pytest.mark.slow
@@ -60,12 +85,17 @@ def test_job_submission_runs_a_job_on_two_nodes(two_node_cluster, tmp_path):
     out = tmp_path / "run"
     entry = (f"python -m raydapt run jobs/prepare-only.yaml output_dir={out} "
              "corpus.world_train=300 corpus.world_heldout=20 corpus.world_markov_docs=20 prepare.seq_len=128")
-    job_id = client.submit_job(
-        entrypoint=entry,
-        runtime_env={"working_dir": str(ROOT),
-                     "excludes": [".venv", ".git", "runs", "*.egg-info", ".pytest_cache", "bench/out"],
-                     "env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}},
-    )
+    runtime_env = {"working_dir": str(ROOT),
+                   "excludes": [".venv", ".git", "runs", "*.egg-info", ".pytest_cache", "bench/out"],
+                   "env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}}
+    for attempt in range(60):  # the dashboard agent needs a moment after `ray start`
+        try:
+            job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or attempt == 59:
+                raise
+            time.sleep(2)
     deadline = time.time() + 400
     status = client.get_job_status(job_id)
     while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:

@@ -1,0 +1,106 @@
+"""The transformers reference backend (`teach.backend=hf`): the same interface as VLLMBackend.
+
+Scoring is one forward pass, `log_softmax` in float32 and a top-k, so `logits[t]` (the
+distribution over token t+1) is row t directly. It is the ground truth for the vLLM parity
+test and a fallback where vLLM does not run. Generation samples prompt by prompt with
+`torch.manual_seed(row seed)`; it is reproducible but does not draw the same samples as vLLM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raydapt.teacher.convert import cut_at_stop, pad_row
+
+Sample = tuple[list[int], str, bool]
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, spec: dict):
+        import torch
+
+        from raydapt.models import load_model, load_tokenizer
+
+        self.k = int(spec["k"])
+        dtype = "float32" if spec["dtype"] == "auto" else spec["dtype"]
+        self.model = load_model(spec["model"], dtype, trust_remote_code=spec.get("trust_remote_code", False)).eval()
+        self.tokenizer = load_tokenizer(spec["model"])
+        self.device = "cuda" if torch.cuda.is_available() and spec.get("num_gpus", 0) else "cpu"
+        self.model.to(self.device)
+        self.max_batch_tokens = int(spec.get("hf_batch_tokens", 8192))
+
+    def score(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each (T,) row -> (T, k) top-k ids and logprobs, in micro-batches of similar rows."""
+        import torch
+
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        i = 0
+        while i < len(order):
+            t_max = len(seqs[order[i]])
+            j = i
+            while j < len(order) and (j - i + 1) * max(t_max, len(seqs[order[j]])) <= self.max_batch_tokens:
+                t_max = max(t_max, len(seqs[order[j]]))
+                j += 1
+            j = max(j, i + 1)
+            group = order[i:j]
+            with torch.inference_mode():
+                for idx, res in zip(group, self._score_group([seqs[g] for g in group]), strict=True):
+                    out[idx] = res
+            i = j
+        return out  # type: ignore[return-value]
+
+    def _score_group(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        import torch
+
+        t_max = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), t_max), dtype=torch.long)  # (B, T)
+        attn = torch.zeros((len(seqs), t_max), dtype=torch.long)  # (B, T)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.as_tensor(np.asarray(s, np.int64))
+            attn[b, : len(s)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits  # (B, T, V)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        top_lp, top_id = logp.topk(self.k, dim=-1)  # (B, T, k), sorted descending
+        res = []
+        for b, s in enumerate(seqs):
+            n = len(s)
+            a = top_id[b, :n].cpu().numpy().astype(np.int64)  # (T, k)
+            p = top_lp[b, :n].cpu().numpy().astype(np.float32)  # (T, k)
+            pad_row(a, p, n - 1)
+            res.append((a, p))
+        return res
+
+    def generate(self, prompts: list[list[int]], seeds: list[list[int]], gen: dict) -> list[list[Sample]]:
+        """len(seeds[i]) samples of prompt i, each drawn after torch.manual_seed(its seed)."""
+        import torch
+
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        results = []
+        for prompt, row_seeds in zip(prompts, seeds, strict=True):
+            x = torch.as_tensor([list(map(int, prompt))], device=self.device)  # (1, P)
+            row = []
+            for seed in row_seeds:
+                torch.manual_seed(seed)
+                with torch.inference_mode():
+                    y = self.model.generate(
+                        x, attention_mask=torch.ones_like(x), do_sample=gen["temperature"] > 0,
+                        temperature=gen["temperature"] or None, top_p=gen["top_p"], top_k=0,
+                        max_new_tokens=gen["max_tokens"], eos_token_id=eos, pad_token_id=pad,
+                    )  # (1, P + new)
+                row.append(self._sample(y[0, x.shape[1]:].tolist(), eos, gen["stop"]))
+            results.append(row)
+        return results
+
+    def _sample(self, new: list[int], eos: int | None, stop: list[str]) -> Sample:
+        ended = eos is not None and eos in new
+        if ended:
+            new = new[: new.index(eos) + 1]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, stop)
+        if stopped:  # like vLLM, the text ends before the stop string; ids follow the text
+            new, ended = self.tokenizer(text, add_special_tokens=False)["input_ids"], False
+        return new, text, ended

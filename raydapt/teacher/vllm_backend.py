@@ -1,0 +1,117 @@
+"""The vLLM backend: one `vllm.LLM` engine, scoring top-k logprobs and sampling completions.
+
+Scoring asks for `prompt_logprobs=k` on the first T-1 tokens of a row plus `logprobs=k` on
+the one token it then samples. Position p of the prompt logprobs is the distribution over
+token p (so row t = p-1 for t = 0..T-3), and the sampled token's logprobs are the
+distribution after tokens 0..T-2, i.e. row T-2. Both come from the same raw logits
+(`logprobs_mode="raw_logprobs"`, before temperature), so a row as long as the engine's
+`max_model_len` still fits, which a prompt of T tokens plus one output token would not.
+We ask for `flat_logprobs` and `detokenize=False`: the engine then hands back flat lists
+and skips decoding every top-k token to text, which is most of the per-token overhead.
+
+Only the engine process needs the `if __name__ == "__main__"` guard; inside a Ray actor the
+engine's subprocess starts fine (PLATFORM.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raydapt.teacher.convert import dense_from_flat, pad_row
+
+Sample = tuple[list[int], str, bool]  # (response token ids, text, ended with eos)
+
+
+class VLLMBackend:
+    """A vLLM engine held for the life of the object (one per teacher actor)."""
+
+    name = "vllm"
+
+    def __init__(self, spec: dict):
+        from vllm import LLM
+
+        self.k = int(spec["k"])
+        self.llm = LLM(
+            model=spec["model"],
+            dtype=spec["dtype"],
+            max_model_len=spec["max_model_len"],
+            max_logprobs=max(self.k, 1),
+            enforce_eager=spec.get("enforce_eager", True),
+            tensor_parallel_size=spec.get("tensor_parallel_size", 1),
+            gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
+            trust_remote_code=spec.get("trust_remote_code", False),
+            seed=spec.get("seed", 0),
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def score(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each (T,) row -> (T, k) top-k ids and logprobs (row t: distribution over token t+1)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        k = self.k
+        sp = SamplingParams(
+            max_tokens=1, prompt_logprobs=k, logprobs=k, detokenize=False, flat_logprobs=True, temperature=1.0
+        )
+        todo = [i for i, s in enumerate(seqs) if len(s) >= 2]
+        prompts = [TokensPrompt(prompt_token_ids=[int(x) for x in seqs[i][:-1]]) for i in todo]
+        outs = self.llm.generate(prompts, sp, use_tqdm=False) if prompts else []
+        result: list[tuple[np.ndarray, np.ndarray]] = [_all_pad(len(s), k) for s in seqs]
+        for i, out in zip(todo, outs, strict=True):
+            n = len(seqs[i])
+            # prompt of n-1 tokens -> rows 0..n-3 (and a padded row n-2 that we overwrite)
+            ids, lps = dense_from_flat(out.prompt_logprobs, n - 1, k)
+            last_ids, last_lps = dense_from_flat(_shift(out.outputs[0].logprobs), 2, k)
+            ids = np.concatenate([ids[:-1], last_ids[:1], np.zeros((1, k), np.int64)])  # (T, k)
+            lps = np.concatenate([lps[:-1], last_lps[:1], np.zeros((1, k), np.float32)])  # (T, k)
+            pad_row(ids, lps, n - 1)
+            result[i] = (ids, lps)
+        return result
+
+    def generate(self, prompts: list[list[int]], seeds: list[list[int]], gen: dict) -> list[list[Sample]]:
+        """len(seeds[i]) samples of prompt i, one request per sample with its own seed.
+
+        vLLM derives the seeds of an n > 1 request as seed + j, so rows with nearby seeds would
+        share samples; one hashed seed per (row, sample) avoids that. Prefix caching still
+        shares the prompt's KV cache between the samples of a prompt.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        reqs, params = [], []
+        for p, row_seeds in zip(prompts, seeds, strict=True):
+            for seed in row_seeds:
+                reqs.append(TokensPrompt(prompt_token_ids=list(map(int, p))))
+                params.append(SamplingParams(
+                    n=1, temperature=gen["temperature"], top_p=gen["top_p"], max_tokens=gen["max_tokens"],
+                    stop=list(gen["stop"]) or None, seed=seed,
+                ))
+        outs = iter(self.llm.generate(reqs, params, use_tqdm=False))
+        eos = self.tokenizer.eos_token_id
+        result = []
+        for row_seeds in seeds:
+            row = []
+            for _ in row_seeds:
+                c = next(outs).outputs[0]
+                row.append((list(c.token_ids), c.text, bool(c.token_ids) and c.token_ids[-1] == eos))
+            result.append(row)
+        return result
+
+
+class _shift:
+    """View of a one-position sample FlatLogprobs as position 1 of a two-position prompt."""
+
+    def __init__(self, flat: Any):
+        self.token_ids, self.logprobs, self.ranks = flat.token_ids, flat.logprobs, flat.ranks
+        self.start_indices = [0, flat.start_indices[0]]
+        self.end_indices = [0, flat.end_indices[0]]
+
+
+def _all_pad(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.zeros((n, k), np.int64)
+    lps = np.full((n, k), -np.inf, np.float32)
+    for t in range(n):
+        pad_row(ids, lps, t)
+    return ids, lps

@@ -1,0 +1,134 @@
+"""The `tune` section turned into Ray Tune objects: search space, search algorithm, scheduler.
+
+    space = tune_space(cfg.tune)            # {"train": {"lr": tune.loguniform(1e-4, 1e-2)}}
+    check_space(cfg)                        # UserError naming the key, before a trial starts
+    scheduler = make_scheduler(cfg)         # ASHA on `step`, FIFO; PBT is refused (see below)
+
+Space forms (`tune.space` maps "train.key" to one of them):
+`{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi exclusive, as in
+Tune), `{choice: [...]}` and `{grid: [...]}` (every value, `num_samples` times each). With
+`tune.search: grid`, `choice` entries are searched exhaustively too.
+
+ASHA's clock is the train loop's `step` (optimizer steps), so `max_t = train.max_steps`.
+`tune.grace_period` counts reports of the metric: a `val_*` metric arrives every
+`train.eval_every` steps, so the grace period in steps is `grace_period * eval_every`.
+
+PBT is refused for now: it restores a trial from another trial's checkpoint with a mutated
+config, but the train loop restores the scheduler state (and with it the old peak lr) from
+the checkpoint, and the Train V2 -> Tune callback reports checkpoint paths, not Tune
+checkpoints. A PBT sweep would silently train with the old hyperparameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raydapt.config import ConfigError, JobConfig, TuneConfig, job_from_dict
+from raydapt.errors import UserError
+
+
+def _domain(form: str, args: list, exhaustive: bool) -> Any:
+    from ray import tune
+
+    if form == "loguniform":
+        return tune.loguniform(float(args[0]), float(args[1]))
+    if form == "uniform":
+        return tune.uniform(float(args[0]), float(args[1]))
+    if form == "randint":
+        return tune.randint(int(args[0]), int(args[1]))
+    if form == "grid" or (form == "choice" and exhaustive):
+        return tune.grid_search(list(args))
+    return tune.choice(list(args))
+
+
+def tune_space(tc: TuneConfig) -> dict[str, dict[str, Any]]:
+    """`tune.space` as a nested Tune param space: {"train": {key: domain}}."""
+    exhaustive = tc.search == "grid"
+    train: dict[str, Any] = {}
+    for dotted, spec in tc.space.items():
+        (form, args), = spec.items()
+        train[dotted.split(".", 1)[1]] = _domain(form, args, exhaustive)
+    return {"train": train}
+
+
+def _probe_values(form: str, args: list) -> list:
+    """Values whose config must validate: every listed value, or a range's two ends."""
+    if form == "randint":
+        return [int(args[0]), int(args[1]) - 1]
+    return list(args)
+
+
+def check_space(cfg: JobConfig) -> None:
+    """Every value a trial can get must give a valid job; errors name the `tune.space` key.
+
+    The shape of each entry is checked by config.py already; this checks values against the
+    train section's own rules (type, choices, ranges), and search/scheduler combinations.
+    """
+    tc = cfg.tune
+    problems: list[str] = []
+    if not tc.space:
+        problems.append("tune.space: empty; give at least one train.* key, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
+    base = cfg.to_dict()
+    for dotted, spec in tc.space.items():
+        (form, args), = spec.items()
+        for value in _probe_values(form, args):
+            try:
+                job_from_dict({**base, "train": {**base["train"], dotted.split(".", 1)[1]: value}})
+            except ConfigError as e:
+                why = "; ".join(e.problems)
+                problems.append(f"tune.space.{dotted}: value {value!r} gives an invalid job ({why})")
+    if tc.search == "optuna" and any("grid" in s for s in tc.space.values()):
+        problems.append("tune.space: `grid` entries need tune.search=grid or random; optuna samples, use `choice`")
+    if tc.scheduler == "pbt":
+        problems.append(
+            "tune.scheduler: pbt is not supported yet (a PBT exploit would resume with the old "
+            "learning rate from the checkpoint's scheduler state); use asha or fifo"
+        )
+    if tc.metric.startswith("val_") and cfg.train.eval_every == 0 and tc.scheduler == "asha":
+        problems.append(
+            f"tune.metric: {tc.metric} is only reported at the end when train.eval_every=0, so ASHA "
+            "cannot stop anything early; set train.eval_every or tune.scheduler=fifo"
+        )
+    if tc.scheduler == "asha" and (tc.reduction_factor < 2 or tc.grace_period < 1):
+        problems.append(f"tune.reduction_factor/grace_period: ASHA needs reduction_factor >= 2 and grace_period >= 1, "
+                        f"got {tc.reduction_factor} and {tc.grace_period}")
+    if tc.cpus_per_trial < 0:
+        problems.append(f"tune.cpus_per_trial: must be >= 0, got {tc.cpus_per_trial}")
+    if problems:
+        raise ConfigError(problems, "tune")
+
+
+def report_interval(cfg: JobConfig) -> int:
+    """Steps between two reports that carry `tune.metric`."""
+    tr = cfg.train
+    if cfg.tune.metric.startswith("val_"):
+        return tr.eval_every or tr.max_steps
+    every = [n for n in (tr.log_every, tr.eval_every, tr.checkpoint_every) if n > 0]
+    return min(every) if every else tr.max_steps
+
+
+def make_scheduler(cfg: JobConfig) -> Any:
+    """FIFO or ASHA with `step` as its clock (see the module docstring)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    tc = cfg.tune
+    if tc.scheduler == "fifo":
+        return FIFOScheduler()
+    if tc.scheduler == "asha":
+        grace = min(cfg.train.max_steps, tc.grace_period * report_interval(cfg))
+        return ASHAScheduler(
+            time_attr="step",
+            max_t=cfg.train.max_steps,
+            grace_period=grace,
+            reduction_factor=tc.reduction_factor,
+        )
+    raise UserError(f"tune.scheduler: {tc.scheduler!r} is not supported yet; use asha or fifo")
+
+
+def make_search(cfg: JobConfig) -> Any:
+    """None (Tune's random/grid variant generator) or OptunaSearch."""
+    if cfg.tune.search != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=cfg.train.seed)

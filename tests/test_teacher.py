@@ -1,0 +1,403 @@
+"""The teacher stage: conversions, the HF reference pool, bad input, and (slow) real vLLM pools.
+
+    .venv/bin/python -m pytest tests/test_teacher.py -x -q            # all: 6 min on 2 busy cores
+    .venv/bin/python -m pytest tests/test_teacher.py -x -q -m "not slow"
+
+The prepared folder is written here with pyarrow in the prepare stage's layout, so these
+tests do not depend on `raydapt prepare`. The slow tests start vLLM engines inside Ray
+actors: one module-scoped fixture runs every pool once and the assertions share its outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydapt import layout
+from raydapt.config import job_from_dict
+from raydapt.errors import UserError
+from raydapt.storage import finish_manifest
+from raydapt.targets import PartStore, collate, decode_row_topk, read_targets
+from raydapt.teacher import convert
+
+K = 8
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def world_pairs(world_dir: Path, n: int) -> list[tuple[str, str]]:
+    out = []
+    for line in open(Path(world_dir) / "train.jsonl"):
+        row = json.loads(line)
+        if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+            out.append((row["prompt"], row["response"]))
+        if len(out) == n:
+            break
+    return out
+
+
+def write_prepared(out: Path, model_dir: Path, world_dir: Path, n_rows: int = 12, n_prompts: int = 4) -> Path:
+    """<out>/prepared with n_rows train rows and n_prompts prompts, tokenized by model_dir."""
+    from raydapt.models import load_tokenizer, tokenizer_hash
+
+    tok = load_tokenizer(model_dir)
+    pairs = world_pairs(world_dir, n_rows + n_prompts)
+    prepared = Path(out) / "prepared"
+    (prepared / "train").mkdir(parents=True, exist_ok=True)
+    (prepared / "prompts").mkdir(exist_ok=True)
+    seqs = [np.asarray(tok(p + r, add_special_tokens=False)["input_ids"][:64], np.int32) for p, r in pairs[:n_rows]]
+    masks = [np.r_[np.ones(len(s) - 1, np.uint8), np.zeros(1, np.uint8)] for s in seqs]
+    pq.write_table(pa.table({
+        "id": pa.array([_h(p + r) for p, r in pairs[:n_rows]], pa.string()),
+        "input_ids": pa.array(seqs, pa.list_(pa.int32())),
+        "loss_mask": pa.array(masks, pa.list_(pa.uint8())),
+        "label": pa.array([-1] * n_rows, pa.int32()),
+    }), prepared / "train" / "part-00000.parquet")
+    prompts = [p for p, _ in pairs[n_rows:]]
+    rendered = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts]
+    pq.write_table(pa.table({
+        "id": pa.array([_h(p) for p in prompts], pa.string()),
+        "prompt": pa.array(prompts, pa.string()),
+        "prompt_ids": pa.array([tok(t, add_special_tokens=False)["input_ids"] for t in rendered], pa.list_(pa.int32())),
+        "answer": pa.array([r for _, r in pairs[n_rows:]], pa.string()),
+    }), prepared / "prompts" / "part-00000.parquet")
+    finish_manifest(prepared, {
+        "fingerprint": "test", "seq_len": 64, "tokenizer_path": str(model_dir), "tokenizer_hash": tokenizer_hash(tok),
+        "pad_id": tok.pad_token_id, "vocab_size": len(tok), "rows": {"train": n_rows, "validation": 0},
+    })
+    return prepared
+
+
+def _h(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()[:16]
+
+
+def job(out: Path, teacher: Path | str, **teach):
+    return job_from_dict({
+        "name": "t", "output_dir": str(out), "stages": ["teach"],
+        "teacher": {"path": str(teacher), "dtype": "float32"}, "student": {"path": str(teacher)},
+        "teach": {"batch_size": 4, "k": K, "max_model_len": 256, **teach},
+    })
+
+
+def final_table(cfg) -> tuple[dict, pa.Table]:
+    manifest, files = read_targets(layout.targets_dir(cfg))
+    return manifest, pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def hf_reference(model_dir: Path, seqs: list[np.ndarray], k: int = K):
+    from raydapt.teacher.hf_backend import HFBackend
+
+    return HFBackend({"model": str(model_dir), "dtype": "float32", "k": k}).score(seqs)
+
+
+def rows_of(table: pa.Table, col: str = "input_ids") -> list[np.ndarray]:
+    return [np.asarray(x, np.int64) for x in table.column(col).to_pylist()]
+
+
+# ----------------------------------------------------------------------------- pure conversions
+
+
+def _lp(logprob: float, rank: int) -> SimpleNamespace:
+    return SimpleNamespace(logprob=logprob, rank=rank)
+
+
+def test_dense_keeps_exactly_top_k_by_rank_and_pads_last_position():
+    k = 2
+    # position 0 is None (vLLM); position 1: actual token 9 outside the top 2; position 2: actual in top 2
+    positions = [None, {9: _lp(-5.0, 7), 4: _lp(-0.1, 1), 3: _lp(-2.5, 2)}, {5: _lp(-1.0, 2), 6: _lp(-0.5, 1)}]
+    ids, lps = convert.dense_from_dicts(positions, 3, k)
+    assert ids.tolist() == [[4, 3], [6, 5], [0, 0]]
+    np.testing.assert_allclose(lps[:2], [[-0.1, -2.5], [-0.5, -1.0]], rtol=0, atol=1e-6)
+    assert lps[2, 0] == 0.0 and np.isneginf(lps[2, 1])
+
+
+def test_flat_form_drops_the_duplicated_actual_token():
+    # vLLM's flat form lists the actual token first, then the top k: token 6 appears twice
+    flat = SimpleNamespace(token_ids=[6, 6, 5, 9, 1, 2], logprobs=[-0.5, -0.5, -1.0, -4.0, -0.2, -0.3],
+                           ranks=[1, 1, 2, 9, 1, 2], start_indices=[0, 0, 3], end_indices=[0, 3, 6])
+    ids, lps = convert.dense_from_flat(flat, 3, 2)
+    assert ids.tolist() == [[6, 5], [1, 2], [0, 0]]
+    assert lps[1].tolist() == pytest.approx([-0.2, -0.3])
+
+
+def test_response_mask_ids_and_seeds():
+    m = convert.response_loss_mask(3, 2)  # tokens p0 p1 p2 r0 r1: positions 2, 3 predict r0, r1
+    assert m.tolist() == [0, 0, 1, 1, 0]
+    assert convert.response_loss_mask(3, 0).tolist() == [0, 0, 0]
+    assert convert.sample_id("a", 0) == convert.sample_id("a", 0) != convert.sample_id("a", 1)
+    assert convert.row_seed(0, "a") == convert.row_seed(0, "a") != convert.row_seed(1, "a")
+    assert convert.cut_at_stop("12 #### 3", ["####"]) == ("12 ", True)
+
+
+# ----------------------------------------------------------------------------- HF backend, real Ray pool
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory, tiny_model_dir, world_dir, ray_session):
+    ray_session()
+    from raydapt.teacher import run
+
+    out = tmp_path_factory.mktemp("teach_hf")
+    write_prepared(out, tiny_model_dir, world_dir)
+    cfg = job(out, tiny_model_dir, backend="hf")
+    return cfg, run(cfg)
+
+
+@pytest.mark.slow
+def test_hf_pool_writes_targets_with_lineage(hf_run, tiny_model_dir):
+    cfg, result = hf_run
+    manifest, table = final_table(cfg)
+    assert manifest["rows"] == 12 == result["computed_rows"] and table.num_rows == 12
+    assert manifest["k"] == K and manifest["kind"] == "score"
+    assert manifest["encoding"] == {"topk_ids": "uint16", "topk_logprobs": "float16"}
+    assert manifest["teacher"]["weights_hash"] and manifest["source"]["manifest_hash"]
+    assert table.schema.field("topk_ids").type.value_type.value_type == pa.uint16()
+    ref = hf_reference(tiny_model_dir, rows_of(table))
+    for i, (r_ids, r_lps) in enumerate(ref):
+        ids, lps = decode_row_topk(table, i)
+        n = len(ids)
+        assert (ids[: n - 1] == r_ids[: n - 1]).all()
+        np.testing.assert_allclose(lps[: n - 1], r_lps[: n - 1], atol=4e-3)  # float16 storage
+        assert lps[n - 1, 0] == 0 and np.isneginf(lps[n - 1, 1:]).all()
+        assert table.column("loss_mask")[i].as_py()[-1] == 0
+
+
+@pytest.mark.slow
+def test_rerun_is_up_to_date(hf_run, capsys):
+    from raydapt.teacher import run
+
+    cfg, _ = hf_run
+    assert run(cfg)["skipped"] is True
+    assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_round_trip_through_the_trainer_reader(hf_run):
+    cfg, _ = hf_run
+    _, table = final_table(cfg)
+    rows = table.slice(0, 3).to_pydict()
+    batch = collate(rows, seq_len=80, pad_id=0)
+    assert batch["topk_ids"].shape == (3, 80, K)
+    for i in range(3):
+        ids, lps = decode_row_topk(table, i)
+        n = len(ids)
+        assert (batch["topk_ids"][i, :n] == ids).all()
+        np.testing.assert_array_equal(batch["topk_logprobs"][i, :n], lps)
+        assert batch["input_ids"][i, :n].tolist() == rows["input_ids"][i]
+        assert batch["loss_mask"][i, n:].sum() == 0
+
+
+def test_hf_generate_is_reproducible_and_aligned(tiny_model_dir, world_dir, tmp_path):
+    from raydapt.teacher.hf_backend import HFBackend
+    from raydapt.teacher.work import generate_batch
+
+    prepared = write_prepared(tmp_path, tiny_model_dir, world_dir, n_rows=2, n_prompts=3)
+    batch = pq.read_table(prepared / "prompts")
+    spec = {"kind": "generate+score", "k": K, "id_dtype": "uint16", "same_tokenizer": True, "seed": 3,
+            "gen": {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_tokens": 6, "stop": []}}
+    backend = HFBackend({"model": str(tiny_model_dir), "dtype": "float32", "k": K})
+    a, b = generate_batch(backend, batch, spec), generate_batch(backend, batch, spec)
+    assert a.num_rows == 6 and a.column("response_ids").to_pylist() == b.column("response_ids").to_pylist()
+    assert len(set(a.column("id").to_pylist())) == 6
+    for r in a.to_pylist():
+        assert r["input_ids"] == r["prompt_ids"] + r["response_ids"]
+        p, t = len(r["prompt_ids"]), len(r["input_ids"])
+        assert r["loss_mask"] == [0] * (p - 1) + [1] * (t - p) + [0]
+        assert len(r["topk_ids"]) == t
+
+
+@pytest.fixture(scope="module")
+def other_model(world_dir, tmp_path_factory):
+    """A tiny teacher whose tokenizer differs from the student's (trained on other text)."""
+    from raydapt.models import init_model
+
+    return init_model("tiny", world_dir / "heldout.jsonl", tmp_path_factory.mktemp("other") / "m", vocab_size=300)
+
+
+def test_generate_with_another_tokenizer_retokenizes_for_the_student(tiny_model_dir, other_model, world_dir, tmp_path):
+    from raydapt.models import load_tokenizer
+    from raydapt.teacher.hf_backend import HFBackend
+    from raydapt.teacher.work import generate_batch
+
+    prepared = write_prepared(tmp_path, tiny_model_dir, world_dir, n_rows=2, n_prompts=2)
+    batch = pq.read_table(prepared / "prompts")
+    student = load_tokenizer(tiny_model_dir)
+    spec = {"kind": "generate", "k": K, "id_dtype": "uint16", "same_tokenizer": False, "seed": 0,
+            "gen": {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_tokens": 8, "stop": []}}
+    table = generate_batch(HFBackend({"model": str(other_model), "dtype": "float32", "k": K}), batch, spec, student)
+    assert "topk_ids" not in table.column_names and table.num_rows == 2
+    for r, p_ids in zip(table.to_pylist(), batch.column("prompt_ids").to_pylist(), strict=True):
+        assert r["prompt_ids"] == p_ids  # the student's prompt tokens, not the teacher's
+        assert student.decode(r["response_ids"], skip_special_tokens=True) == r["text"]
+        assert r["input_ids"] == r["prompt_ids"] + r["response_ids"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.slow
+def test_bad_input_battery(hf_run, tiny_model_dir, other_model, world_dir, tmp_path):
+    """Every bad input is a UserError before an engine starts, and staged parts survive it."""
+    from raydapt.teacher import run
+
+    cfg, _ = hf_run
+    out = cfg.out
+    with pytest.raises(UserError, match="teach.k=500"):
+        run(job(out, tiny_model_dir, k=500))
+    with pytest.raises(UserError, match="does not exist"):
+        run(job(out, tmp_path / "no-such-teacher"))
+    with pytest.raises(UserError, match=r"longer than the engine context .*id \w+ with \d+ tokens"):
+        run(job(out, tiny_model_dir, max_model_len=16))
+    with pytest.raises(UserError, match=r"(?s)share a tokenizer.*other.*prepared data"):
+        run(job(out, other_model))
+    empty = tmp_path / "empty"
+    prepared = write_prepared(empty, tiny_model_dir, world_dir, n_rows=2, n_prompts=1)
+    pq.write_table(pq.read_table(prepared / "prompts").slice(0, 0), prepared / "prompts" / "part-00000.parquet")
+    with pytest.raises(UserError, match="no prompts"):
+        run(job(empty, tiny_model_dir, kind="generate"))
+    # the CLI turns it into exit code 2
+    import yaml
+
+    from raydapt.cli import main
+
+    jf = tmp_path / "job.yaml"
+    jf.write_text(yaml.safe_dump({"output_dir": str(out), "teacher": {"path": str(tiny_model_dir)},
+                                  "student": {"path": str(tiny_model_dir)}, "teach": {"max_model_len": 16}}))
+    assert main(["teach", str(jf)]) == 2
+    # rows already done are kept across a failed start
+    store = PartStore(layout.targets_dir(cfg))
+    store.write(pq.read_table(next(layout.targets_dir(cfg).glob("*.parquet"))).slice(0, 2))
+    with pytest.raises(UserError):
+        run(job(out, tiny_model_dir, max_model_len=16))
+    assert len(store.done_ids()) == 2
+
+
+# ----------------------------------------------------------------------------- real vLLM pools (slow)
+
+
+def _vllm_score_in_actor(ray, model_dir: Path, seqs: list[np.ndarray]):
+    """fp32 scores straight from a vLLM engine in a Ray actor (before float16 storage)."""
+
+    @ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
+    class Scorer:
+        def score(self, model: str, seqs: list) -> list:
+            from raydapt.teacher.vllm_backend import VLLMBackend
+
+            return VLLMBackend({"model": model, "dtype": "float32", "max_model_len": 256, "k": K}).score(seqs)
+
+    actor = Scorer.remote()
+    return actor, actor.score.remote(str(model_dir), seqs)
+
+
+@pytest.fixture(scope="module")
+def vllm_runs(tmp_path_factory, tiny_model_dir, world_dir, ray_session):
+    """Every vLLM run the assertions need, each once (engine starts dominate the time):
+    a 2-actor score pool; a 1-actor generate+score pool crashed after one part, then rerun;
+    and, beside the crash run, one engine's raw fp32 scores (parity, 1-engine reference)."""
+    from raydapt.teacher import run
+    from raydapt.teacher.pool import FAIL_AFTER_ENV
+
+    ray = ray_session()
+    base = tmp_path_factory.mktemp("teach_vllm")
+    res: dict = {}
+    for name in ("two", "gen"):
+        write_prepared(base / name, tiny_model_dir, world_dir)
+    seqs = rows_of(pq.read_table(base / "two" / "prepared" / "train"))
+    res["two_cfg"] = job(base / "two", tiny_model_dir, min_actors=2, max_actors=2, batch_size=2)
+    res["two"] = run(res["two_cfg"])
+    scorer, raw = _vllm_score_in_actor(ray, tiny_model_dir, seqs)
+    res["gen_cfg"] = cfg = job(base / "gen", tiny_model_dir, kind="generate+score", n=2, max_tokens=12, seed=7,
+                               batch_size=1)
+    os.environ[FAIL_AFTER_ENV] = "1"
+    try:
+        with pytest.raises(Exception, match="simulated crash"):
+            run(cfg)
+    finally:
+        del os.environ[FAIL_AFTER_ENV]
+    res["staged"] = PartStore(layout.targets_dir(cfg)).done_ids()
+    res["gen"] = run(cfg)
+    res["raw"], res["seqs"] = ray.get(raw), seqs
+    ray.kill(scorer)
+    return res
+
+
+@pytest.mark.slow
+def test_vllm_parity_with_transformers_fp32(vllm_runs, tiny_model_dir):
+    ref = hf_reference(tiny_model_dir, vllm_runs["seqs"])
+    for (r_ids, r_lps), (ids, lps), s in zip(ref, vllm_runs["raw"], vllm_runs["seqs"], strict=True):
+        n = len(s)
+        np.testing.assert_allclose(lps[: n - 1], r_lps[: n - 1], atol=1e-3, rtol=0)
+        # ids agree except where two logprobs tie within the tolerance
+        differ = ids[: n - 1] != r_ids[: n - 1]
+        assert (np.abs(lps[: n - 1] - r_lps[: n - 1])[differ] < 1e-3).all()
+        assert differ.mean() < 0.01
+        assert ids[n - 1, 0] == 0 and lps[n - 1, 0] == 0 and np.isneginf(lps[n - 1, 1:]).all()
+
+
+@pytest.mark.slow
+def test_vllm_pool_targets_match_reference_and_lineage(vllm_runs, tiny_model_dir):
+    import vllm
+
+    manifest, table = final_table(vllm_runs["two_cfg"])
+    assert manifest["vllm_version"] == vllm.__version__ and manifest["k"] == K
+    assert manifest["tokenizer_hash"] and manifest["teacher"]["weights_hash"]
+    assert manifest["bytes_per_token"] < 100
+    ref = hf_reference(tiny_model_dir, rows_of(table))
+    for i, (_r_ids, r_lps) in enumerate(ref):
+        ids, lps = decode_row_topk(table, i)
+        np.testing.assert_allclose(lps[:-1], r_lps[:-1], atol=4e-3)  # float16 storage: half an ulp at |lp| < 8
+
+
+@pytest.mark.slow
+def test_two_actors_equal_one_engine(vllm_runs):
+    """The 2-actor pool's rows equal one engine's scores of the same rows (ids and values)."""
+    _, two = final_table(vllm_runs["two_cfg"])
+    one = {tuple(s.tolist()): r for s, r in zip(vllm_runs["seqs"], vllm_runs["raw"], strict=True)}
+    assert two.num_rows == len(one) == 12
+    for i in range(two.num_rows):
+        ids, lps = decode_row_topk(two, i)
+        r_ids, r_lps = one[tuple(two.column("input_ids")[i].as_py())]
+        assert (ids == r_ids).mean() > 0.99
+        np.testing.assert_allclose(lps, r_lps.astype(np.float16).astype(np.float32), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_crash_then_rerun_computes_only_missing_rows(vllm_runs):
+    staged, result = vllm_runs["staged"], vllm_runs["gen"]
+    # whole parts (one prompt, n=2 samples each) landed before the crash failed the run: the
+    # failing batch's, and maybe one more already queued on the actor before the driver saw it
+    assert len(staged) in (2, 4)
+    assert result["already_done"] == len(staged) and result["computed_rows"] == 8 - len(staged)
+    _, table = final_table(vllm_runs["gen_cfg"])
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 8 and staged <= set(ids)
+    assert not PartStore(layout.targets_dir(vllm_runs["gen_cfg"])).dir.exists()
+
+
+@pytest.mark.slow
+def test_generate_and_score(vllm_runs, tiny_model_dir):
+    manifest, table = final_table(vllm_runs["gen_cfg"])
+    assert manifest["kind"] == "generate+score" and manifest["sampling"]["n"] == 2
+    assert sorted(set(table.column("sample_index").to_pylist())) == [0, 1]
+    rows = table.to_pylist()
+    for r in rows:
+        assert r["input_ids"] == r["prompt_ids"] + r["response_ids"]
+        assert 1 <= len(r["response_ids"]) <= 12
+        p, t = len(r["prompt_ids"]), len(r["input_ids"])
+        assert r["loss_mask"] == [0] * (p - 1) + [1] * (t - p) + [0]
+    assert len({tuple(r["response_ids"]) for r in rows}) > 1  # per-sample seeds differ
+    ref = hf_reference(tiny_model_dir, rows_of(table))
+    for i, (_, r_lps) in enumerate(ref):
+        _, lps = decode_row_topk(table, i)
+        np.testing.assert_allclose(lps[:-1], r_lps[:-1], atol=4e-3)

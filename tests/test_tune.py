@@ -1,0 +1,179 @@
+"""`raydapt tune`: a real Ray Tune sweep of real Train V2 trials on a tiny world.
+
+One module-scoped sweep (4 trials, ASHA, 20 steps each) is run twice: first with trial 0
+made to fail after step 4 (RAYDAPT_TUNE_FAIL), then again, which must restore the
+experiment, resume only that trial from its step-4 checkpoint and leave the others alone.
+
+    .venv/bin/python -m pytest tests/test_tune.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydapt import layout
+from raydapt.config import ConfigError, job_from_dict
+
+TRAIN = {"max_steps": 20, "eval_every": 5, "checkpoint_every": 2, "log_every": 5, "batch_size": 4,
+         "warmup_steps": 1, "num_workers": 1, "cpus_per_worker": 0.5}
+# lr 1e-6 barely moves the loss, so ASHA must stop those trials at the first rung (step 5).
+TUNE = {"search": "grid", "scheduler": "asha", "num_samples": 1, "max_concurrent_trials": 2,
+        "grace_period": 1, "reduction_factor": 2, "space": {"train.lr": {"grid": [1e-2, 3e-3, 1e-6, 1e-6]}}}
+
+
+def _job(out, **tune) -> dict:
+    return {"output_dir": str(out), "corpus": {"source": "world", "world_train": 300, "world_heldout": 20},
+            "teacher": {"preset": ""}, "student": {"preset": "tiny"}, "prepare": {"seq_len": 128},
+            "train": dict(TRAIN), "tune": {**TUNE, **tune}}
+
+
+def _snapshot(root: Path, skip: str) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file() and not p.relative_to(root).parts[0] == skip}
+
+
+def _trial_files(tune_dir: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(tune_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in (tune_dir / "trials").rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, ray_session):
+    import raydapt.corpus
+    import raydapt.tune
+
+    ray_session()
+    out = tmp_path_factory.mktemp("tune")
+    cfg = job_from_dict(_job(out))
+    raydapt.corpus.run(cfg)
+    before = _snapshot(out, "tune")
+    os.environ[raydapt.tune.FAIL_ENV] = "0:4"
+    try:
+        first = raydapt.tune.run(cfg)
+    finally:
+        del os.environ[raydapt.tune.FAIL_ENV]
+    files_first = _trial_files(layout.tune_dir(cfg))
+    second = raydapt.tune.run(cfg)
+    files_second = _trial_files(layout.tune_dir(cfg))
+    return {"cfg": cfg, "out": out, "before": before, "first": first, "second": second,
+            "files_first": files_first, "files_second": files_second}
+
+
+@pytest.mark.slow
+def test_asha_sweep_outputs(sweep):
+    s, tdir = sweep["second"], layout.tune_dir(sweep["cfg"])
+    rows = {r["trial"]: r for r in s["rows"]}
+    assert len(rows) == 4 and not s["failed"]
+    status = sorted(r["status"] for r in rows.values())
+    assert "stopped early" in status and "done" in status, status
+    for r in rows.values():
+        if r["train.lr"] == 1e-6:
+            assert r["status"] == "stopped early" and r["steps"] < 20
+    best = min((r for r in rows.values() if r["status"] == "done"), key=lambda r: r["val_loss"])
+    assert s["best_trial"] == best["trial"] and s["best_metric"] == pytest.approx(best["val_loss"])
+    csv_lines = (tdir / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("trial,train.lr,val_loss,steps,status")
+    assert best["trial"] in (tdir / "results.md").read_text()
+    assert (tdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    cmd = (tdir / "serve_command.txt").read_text().strip()
+    assert cmd == f"raydapt serve {(tdir / 'best').resolve()}"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tdir / "best")
+    tok = AutoTokenizer.from_pretrained(tdir / "best")
+    assert model.config.vocab_size == len(tok)
+
+
+@pytest.mark.slow
+def test_resume_keeps_finished_trials(sweep):
+    first, tdir = sweep["first"], layout.tune_dir(sweep["cfg"])
+    failed = [r for r in first["rows"] if r["status"] == "error"]
+    assert first["failed"] and len(failed) == 1 and failed[0]["trial"].endswith("_00000")
+    resumed = tdir / "trials" / failed[0]["trial"]
+    starts = [json.loads(line) for line in (resumed / "starts.jsonl").read_text().splitlines()]
+    assert [s["checkpoint"] for s in starts] == [None, "checkpoint_000004"]  # resumed, not restarted
+    second = {r["trial"]: r for r in sweep["second"]["rows"]}[failed[0]["trial"]]
+    assert second["status"] != "error" and second["steps"] > 4
+    if (resumed / "done.json").is_file():  # ASHA may stop it at a later rung instead
+        assert json.loads((resumed / "done.json").read_text())["start_step"] == 4
+    others = [r["trial"] for r in first["rows"] if r["status"] != "error"]
+    assert len(others) == 3
+    for tid in others:  # not rerun: every file of theirs is byte-for-byte where it was
+        assert len((tdir / "trials" / tid / "starts.jsonl").read_text().splitlines()) == 1
+        mine = {k: v for k, v in sweep["files_first"].items() if k.startswith(f"trials/{tid}/")}
+        assert mine and all(sweep["files_second"].get(k) == v for k, v in mine.items())
+
+
+@pytest.mark.slow
+def test_trials_share_prepared_inputs(sweep):
+    out, cfg = sweep["out"], sweep["cfg"]
+    assert _snapshot(out, "tune") == sweep["before"]  # nothing outside tune/ was written
+    tdir = layout.tune_dir(cfg)
+    names = {p.name for p in tdir.rglob("*") if p.is_dir()}
+    assert not names & {"prepared", "targets", "corpus", "models"}
+    inputs = [json.loads(p.read_text()) for p in sorted(tdir.glob("trials/*/inputs.json"))]
+    assert len(inputs) == 4
+    prepared = str(layout.prepared_dir(cfg).resolve())
+    assert all(i["files"] == inputs[0]["files"] for i in inputs)
+    assert all(f.startswith(prepared) for f in inputs[0]["files"]["train"])
+    assert {i["train"]["lr"] for i in inputs} == {1e-2, 3e-3, 1e-6}
+
+
+def test_invalid_space_key_cli_exit_2(tmp_path):
+    job = _job(tmp_path / "out")
+    job["tune"]["space"] = {"train.lrr": {"loguniform": [1e-4, 1e-2]}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-m", "raydapt", "tune", str(path)], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "tune.space.train.lrr" in p.stderr and "lr" in p.stderr
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_invalid_space_value_named_before_any_trial(tmp_path):
+    import raydapt.tune
+
+    cfg = job_from_dict(_job(tmp_path, space={"train.mode": {"choice": ["full", "bogus"]},
+                                              "train.batch_size": {"randint": [0, 4]}}))
+    with pytest.raises(ConfigError) as e:
+        raydapt.tune.run(cfg)  # no prepared data here: the space error must come first
+    msg = str(e.value)
+    assert "tune.space.train.mode: value 'bogus'" in msg and "tune.space.train.batch_size: value 0" in msg
+    assert not layout.tune_dir(cfg).exists()
+
+
+def test_pbt_is_refused_clearly(tmp_path):
+    import raydapt.tune
+
+    cfg = job_from_dict(_job(tmp_path, scheduler="pbt"))
+    with pytest.raises(ConfigError, match="pbt is not supported yet"):
+        raydapt.tune.run(cfg)
+
+
+def test_space_forms():
+    from ray import tune
+
+    from raydapt.tune_space import tune_space
+
+    cfg = job_from_dict(_job("/tmp/x", search="random", space={
+        "train.lr": {"loguniform": [1e-4, 1e-2]}, "train.weight_decay": {"uniform": [0.0, 0.1]},
+        "train.batch_size": {"choice": [2, 4]}, "train.lora_r": {"randint": [4, 9]},
+        "train.seed": {"grid": [0, 1]}}))
+    sp = tune_space(cfg.tune)["train"]
+    assert isinstance(sp["lr"], tune.search.sample.Float) and sp["lr"].lower == 1e-4
+    assert isinstance(sp["lr"].get_sampler(), tune.search.sample.LogUniform)
+    assert isinstance(sp["weight_decay"].get_sampler(), tune.search.sample.Uniform)
+    assert isinstance(sp["batch_size"], tune.search.sample.Categorical)
+    assert isinstance(sp["lora_r"], tune.search.sample.Integer) and sp["lora_r"].upper == 9
+    assert sp["seed"] == {"grid_search": [0, 1]}
+    grid = tune_space(job_from_dict(_job("/tmp/x", search="grid", space={"train.batch_size": {"choice": [2, 4]}})).tune)
+    assert grid["train"]["batch_size"] == {"grid_search": [2, 4]}
