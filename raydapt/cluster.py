@@ -25,10 +25,21 @@ RUNTIME_ENV_VARS = {
 
 
 def _env_vars() -> dict[str, str]:
+    """Env vars for every worker, minus those a submitting Ray Job already sets.
+
+    Under `ray job submit`, ray.init refuses a runtime env that repeats a key of the job's
+    own; the job's values win, since the user chose them at submission.
+    """
+    import json
+
     env = dict(RUNTIME_ENV_VARS)
     for k in ("HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "HF_HOME", "PYTHONPATH"):
         if k in os.environ:
             env[k] = os.environ[k]
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    if taken:
+        env = {k: v for k, v in env.items() if k not in taken}
     return env
 
 

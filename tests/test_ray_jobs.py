@@ -41,34 +41,49 @@ def two_node_cluster():
     ray_cli = str(BIN / "ray")
     head = [ray_cli, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
             "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={tmp}",
-            "--include-dashboard=true", "--disable-usage-stats", f"--ray-client-server-port={free_port()}"]
+            "--include-dashboard=true", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
+            *_node_ports()]
+    # its own temp dir: nodes sharing one would unpack the job's working_dir into the same
+    # folder, and the second node's unpacking deletes the driver's current directory
+    second = [ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=4", f"--temp-dir={tmp}-2",
+              '--resources={"second_node": 1}', *_node_ports()]
+    before = _pids()
     try:
         subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
-        subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=4", f"--temp-dir={tmp}",
-                        '--resources={"second_node": 1}'], check=True, env=env, capture_output=True, timeout=180)
+        subprocess.run(second, check=True, env=env, capture_output=True, timeout=180)
         yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
     finally:
-        # `ray stop` would kill every Ray on the machine; end only this cluster's processes
-        _kill_processes_mentioning(str(tmp), f":{port} ", f":{port}\x00")
+        # `ray stop` would kill every Ray on the machine; end only the processes started here
+        # (agents rename themselves `ray::...`, so their command lines no longer name the cluster)
+        _kill_new_ray_processes(before)
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(f"{tmp}-2", ignore_errors=True)
 
 
-def _kill_processes_mentioning(*tokens: str) -> None:
+def _node_ports() -> list[str]:
+    """Two nodes on one machine must not share the per-node agent ports (defaults collide)."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+
+def _pids() -> set[int]:
+    return {int(p) for p in os.listdir("/proc") if p.isdigit()}
+
+
+def _kill_new_ray_processes(before: set[int]) -> None:
     import signal
 
-    for _ in range(3):
+    for _ in range(5):
         found = False
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
+        for pid in _pids() - before - {os.getpid()}:
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
             except OSError:
                 continue
-            if any(t in cmd for t in tokens):
+            if "ray" in cmd:
                 found = True
                 try:
-                    os.kill(int(pid), signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
         if not found:
