@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 RUNTIME_ENV_VARS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    # Train V2 copies every print of a worker into its log as well: each line shows twice
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
@@ -63,6 +65,16 @@ def _reachable(address: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def quiet_worker() -> None:
+    """Runs in every Ray worker: drop a per-second warning from Ray internals that would
+    bury raydapt's own progress lines on the console."""
+    import logging
+
+    # Train V2's placement-group cleaner polls the State API, which needs the dashboard that
+    # a local cluster here does not start; its cleanup on a crashed controller is all it loses.
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def connect(cfg: ClusterConfig | None = None, address: str | None = None):
     """ray.init against `address`, RAY_ADDRESS, the job's cluster.address, or a new local cluster."""
     import ray
@@ -71,7 +83,7 @@ def connect(cfg: ClusterConfig | None = None, address: str | None = None):
     if ray.is_initialized():
         return ray.get_runtime_context()
     address = address or os.environ.get("RAY_ADDRESS") or cfg.address
-    runtime_env = {"env_vars": _env_vars()}
+    runtime_env = {"env_vars": _env_vars(), "worker_process_setup_hook": "raydapt.cluster.quiet_worker"}
     if address:
         _reachable(address, cfg.connect_timeout_s)
         log.info("connecting to Ray at %s", address)

@@ -114,6 +114,7 @@ class TrainConfig:
     num_workers: int = _f(1, "Ray Train workers (FSDP2 ranks). 0 runs in the driver (local mode).")
     use_gpu: bool = _f(False, "One GPU per worker, nccl and bf16.")
     cpus_per_worker: float = _f(1.0, "Logical CPUs each worker reserves.")
+    torch_threads: int = _f(0, "Intra-op threads per worker; 0: the node's cores / this run's workers on it (Ray alone would give each worker int(cpus_per_worker) threads).")
     precision: str = _f("auto", "auto | fp32 | bf16. auto: bf16 on GPU, fp32 on CPU.")
     lr: float = _f(1e-3, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -241,7 +242,9 @@ class JobConfig:
 
     @property
     def out(self) -> Path:
-        return Path(self.output_dir or os.path.join("runs", self.name))
+        # absolute: Ray workers run in their own directories, so a relative path would
+        # point somewhere else inside them
+        return Path(self.output_dir or os.path.join("runs", self.name)).absolute()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,14 +20,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 from raydapt import layout
 from raydapt.config import JobConfig
 from raydapt.pipeline import derived
 from raydapt.pipeline import run as run_stages
+from raydapt.storage import write_json_atomic
 
-TEACHER_TRAIN = {"mode": "full", "max_steps": 600, "lr": 3e-3, "batch_size": 16, "warmup_steps": 30,
-                 "checkpoint_every": 200, "eval_every": 200}
+# The teacher trains for TEACHER_STEPS x the student's steps: it must know the world clearly
+# better than a student can learn in its own budget, or there is nothing to distill.
+TEACHER_STEPS = 2
+TEACHER_TRAIN = {"mode": "full", "lr": 3e-3, "batch_size": 16, "warmup_steps": 20}
 
 
 def _teacher(cfg: JobConfig) -> Path:
@@ -35,7 +39,9 @@ def _teacher(cfg: JobConfig) -> Path:
 
     model = resolve_model(cfg, "teacher")
     tcfg = derived(cfg, "teacher", student={"path": str(model), "preset": ""},
-                   train={**dataclasses.asdict(cfg.train), **TEACHER_TRAIN})
+                   train={**dataclasses.asdict(cfg.train), **TEACHER_TRAIN,
+                          "max_steps": TEACHER_STEPS * cfg.train.max_steps,
+                          "checkpoint_every": cfg.train.max_steps, "eval_every": cfg.train.max_steps})
     run_stages(dataclasses.replace(tcfg, stages=["train"]))
     return layout.export_dir(tcfg)
 
@@ -53,17 +59,30 @@ def run_demo(cfg: JobConfig) -> dict:
     from raydapt import evaluate, report
 
     t0 = time.perf_counter()
-    run_stages(dataclasses.replace(cfg, stages=["prepare"]))
+    timings: dict[str, Any] = {}
+
+    def stages(c: JobConfig, names: list[str], prefix: str = "") -> None:
+        for s in run_stages(dataclasses.replace(c, stages=names))["stages"]:
+            timings[prefix + s["stage"]] = s["seconds"]
+            if s["stage"] == "teach" and s["result"]:
+                timings["teach_pool"] = {k: s["result"].get(k) for k in ("seconds", "pool", "computed_rows")}
+
+    stages(cfg, ["prepare"])
+    t = time.perf_counter()
     teacher_dir = _teacher(cfg)
+    timings["teacher train"] = round(time.perf_counter() - t, 1)
     cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=str(teacher_dir), preset=""))
-    run_stages(dataclasses.replace(cfg, stages=["teach", "train"]))
+    stages(cfg, ["teach", "train"], "kd ")
     ce = derived(cfg, "ce", train={"mode": "full"})
-    run_stages(dataclasses.replace(ce, stages=["train"]))
+    stages(ce, ["train"], "ce ")
+    timings["teach"] = timings.pop("kd teach")
     rows = []
+    t = time.perf_counter()
     for name, c, model in (("teacher", cfg, teacher_dir), ("kd student", cfg, layout.export_dir(cfg)),
                            ("ce student", ce, layout.export_dir(ce))):
         m = evaluate.run(c, model, name.replace(" ", "_"))
-        rows.append({"model": name, **m})
+        rows.append({**m, "model": name})
+    timings["eval"] = round(time.perf_counter() - t, 1)
     cols = ["model", "heldout_loss", "markov_loss", "exact_match", "params", "decode_tokens_per_s"]
     text = report.table(rows, cols)
     floor = rows[0].get("markov_entropy_floor")
@@ -72,7 +91,9 @@ def run_demo(cfg: JobConfig) -> dict:
         print(f"markov_loss floor (true entropy rate of the world's language): {floor:.4f} nats/token")
     answer = None
     if "serve" in cfg.stages:
+        t = time.perf_counter()
         answer = _serve_and_ask(cfg)
+        timings["serve + ask"] = round(time.perf_counter() - t, 1)
     images = [p for p in (
         report.plot_curves({"teacher": report.read_metrics(teacher_dir.parent / "metrics.jsonl"),
                             "kd student": report.read_metrics(layout.train_dir(cfg) / "metrics.jsonl"),
@@ -84,9 +105,11 @@ def run_demo(cfg: JobConfig) -> dict:
     notes = [f"Markov entropy floor: {floor:.4f} nats/token." if floor else "",
              f"Served KD student answered `add 123 456` with: {answer!r}" if answer is not None else "",
              f"Wall time {time.perf_counter() - t0:.0f} s."]
+    timings["total"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(cfg.out / "timings.json", timings)
     path = report.write_report(cfg.out, "raydapt demo", text, images, [n for n in notes if n])
     print(f"\nreport: {path}")
-    return {"rows": rows, "report": str(path)}
+    return {"rows": rows, "report": str(path), "timings": timings}
 
 
 def _serve_and_ask(cfg: JobConfig) -> str:

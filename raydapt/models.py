@@ -245,7 +245,7 @@ def resolve_model(cfg: Any, role: str) -> Path:
             _check_source(spec.path)
         except UserError as e:
             raise UserError(f"{role}.path: {e}; or clear it to build `{role}.preset`") from None
-        return Path(spec.path)
+        return Path(spec.path).absolute() if os.path.isdir(spec.path) else Path(spec.path)
     if not spec.preset:
         raise UserError(f"{role}.path is empty and {role}.preset is not set; give one of them")
     out = layout.models_dir(cfg) / role

@@ -126,7 +126,8 @@ def run(cfg: JobConfig, serve_block: bool = True) -> dict:
         status = "skipped (up to date)" if isinstance(result, dict) and result.get("skipped") else "ran"
         if stage in ("train", "eval", "tune"):
             _stamp(cfg, stage)
-        summary.append({"stage": stage, "status": status, "seconds": time.perf_counter() - t0})
+        summary.append({"stage": stage, "status": status, "seconds": round(time.perf_counter() - t0, 1),
+                        "result": result if isinstance(result, dict) else None})
     _print_summary(cfg, summary)
     return {"stages": summary}
 

@@ -86,6 +86,10 @@ def run_pool(rows: pa.Table, spec: dict, tcfg: Any) -> dict:
         if k in os.environ:
             env[k] = os.environ[k]
     num_gpus = tcfg.gpus_per_actor or 0
+    if not num_gpus and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+        # vLLM keeps one core per engine for its scheduler process, which on a 2-core node
+        # leaves the model one thread; the scheduler mostly waits on the model anyway
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     if num_gpus and tcfg.tensor_parallel_size > 1:
         num_gpus = max(num_gpus, tcfg.tensor_parallel_size)
     out = ds.map_batches(

@@ -184,13 +184,25 @@ def _dataset(files: list[str], columns: list[str]):
 
     limit = float(os.environ.get("RAYDAPT_INLINE_DATA_MB", "64")) * 2**20
     if sum(os.path.getsize(f) for f in files) <= limit:
-        return ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])
-    return ray.data.read_parquet(files, columns=columns).materialize()
+        ds = ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])
+    else:
+        ds = ray.data.read_parquet(files, columns=columns).materialize()
+    # each worker reads its shard once; a bar per worker would only repaint over the
+    # trainer's own progress lines
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def build_trainer(cfg: JobConfig, plan: dict, files: dict[str, list[str]], run_config_kw: dict | None = None):
     """The TorchTrainer (Train V2) for a validated plan."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = cfg.train
@@ -204,6 +216,8 @@ def build_trainer(cfg: JobConfig, plan: dict, files: dict[str, list[str]], run_c
         "storage_path": plan["train_dir"],
         "failure_config": FailureConfig(max_failures=0),
         "checkpoint_config": CheckpointConfig(num_to_keep=2),
+        # Train's INFO lines (one per report) would bury the trainer's own progress line
+        "logging_config": LoggingConfig(log_level="WARNING"),
         **(run_config_kw or {}),
     }
     return TorchTrainer(

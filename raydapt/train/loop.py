@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,20 @@ def resume_step(plan: dict, model, optim, sched) -> int:
         return ckpt.restore(Path(d), model, optim, sched, plan["fingerprint"])
 
 
+def _threads(tc: TrainConfig) -> int:
+    """Ray sets OMP_NUM_THREADS to a worker's CPU reservation, which on an oversubscribed small
+    machine (PLATFORM.md) leaves cores idle; share the node's cores among its workers instead."""
+    if tc.torch_threads > 0:
+        return tc.torch_threads
+    try:
+        import ray.train
+
+        local = ray.train.get_context().get_local_world_size()
+    except Exception:  # noqa: BLE001 - local mode has no Train context
+        local = 1
+    return max(1, (os.cpu_count() or 1) // max(1, local))
+
+
 def train_func(plan: dict) -> dict:
     """Ray Train per-worker entry point. `plan` comes from launch.make_plan."""
     import ray.train
@@ -258,6 +273,7 @@ def train_func(plan: dict) -> dict:
     cfg = job_from_dict(plan["job"])
     tc = cfg.train
     rank, ws = world()
+    torch.set_num_threads(_threads(tc))
     device = device_for(tc.use_gpu)
     model, teacher, optim, sched, params = setup(plan, tc, device)
     train_rows, val_rows = load_tables(plan, tc)
