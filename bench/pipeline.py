@@ -44,7 +44,8 @@ def main() -> int:
     total = t.pop("total", wall)
     print(f"raydapt demo stages, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, output {out}")
     print(f"{'stage':<16} {'seconds':>8} {'share':>7}")
-    for stage, sec in t.items():
+    order = ["prepare", "teacher train", "teach", "kd train", "ce train", "eval", "serve + ask"]
+    for stage, sec in sorted(t.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         print(f"{stage:<16} {sec:>8.1f} {sec / total:>7.1%}")
     print(f"{'total':<16} {total:>8.1f}   (process wall {wall:.1f} s, Ray start-up included)")
     busy = (pool.get("pool") or {}).get("busy_s")

@@ -98,7 +98,8 @@ def run_demo(cfg: JobConfig) -> dict:
         report.plot_curves({"teacher": report.read_metrics(teacher_dir.parent / "metrics.jsonl"),
                             "kd student": report.read_metrics(layout.train_dir(cfg) / "metrics.jsonl"),
                             "ce student": report.read_metrics(layout.train_dir(ce) / "metrics.jsonl")},
-                           "loss", cfg.out / "loss_curves.png", "training loss"),
+                           "ce", cfg.out / "loss_curves.png",
+                           "training cross-entropy on the data (the KD loss adds its KL term)"),
         report.plot_bars(rows, ["heldout_loss", "markov_loss", "exact_match"], cfg.out / "metrics.png",
                          "held-out metrics", floor),
     ) if p]
