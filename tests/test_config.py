@@ -24,7 +24,7 @@ def test_overrides_coerce_types(tmp_path):
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.mode == "lora" and cfg.train.max_steps == 7
     assert cfg.train.lora_targets == ["q_proj", "k_proj"]
-    assert cfg.name == "x" and cfg.out == Path("runs/x")
+    assert cfg.name == "x" and cfg.out == Path("runs/x").absolute()
 
 
 def test_all_errors_reported_together(tmp_path):

@@ -177,3 +177,19 @@ def test_space_forms():
     assert sp["seed"] == {"grid_search": [0, 1]}
     grid = tune_space(job_from_dict(_job("/tmp/x", search="grid", space={"train.batch_size": {"choice": [2, 4]}})).tune)
     assert grid["train"]["batch_size"] == {"grid_search": [2, 4]}
+
+
+@pytest.mark.slow
+def test_optuna_search_samples_the_space(sweep):
+    """Optuna TPE drives a real sweep over the same prepared data (runs after the ASHA tests)."""
+    import raydapt.tune
+
+    job = _job(sweep["out"], search="optuna", scheduler="fifo", num_samples=2,
+               space={"train.lr": {"loguniform": [1e-3, 1e-2]}})
+    job["train"].update(max_steps=6, eval_every=3, checkpoint_every=6)
+    s = raydapt.tune.run(job_from_dict(job))
+    rows = s["rows"]
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows), rows
+    lrs = [r["train.lr"] for r in rows]
+    assert len(set(lrs)) == 2 and all(1e-3 <= lr <= 1e-2 for lr in lrs)
+    assert s["best_metric"] == pytest.approx(min(r["val_loss"] for r in rows))
