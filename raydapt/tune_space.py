@@ -79,6 +79,10 @@ def check_space(cfg: JobConfig) -> None:
                 problems.append(f"tune.space.{dotted}: value {value!r} gives an invalid job ({why})")
     if tc.search == "optuna" and any("grid" in s for s in tc.space.values()):
         problems.append("tune.space: `grid` entries need tune.search=grid or random; optuna samples, use `choice`")
+    if tc.search == "optuna":
+        problems.append(
+            "tune.search: optuna is not supported yet (OptunaSearch fails on a trial's final "
+            "result, which lacks the metric); use random or grid")
     if tc.scheduler == "pbt":
         problems.append(
             "tune.scheduler: pbt is not supported yet (a PBT exploit would resume with the old "
