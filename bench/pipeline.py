@@ -8,7 +8,7 @@ Time inside batches also holds the conversion to dense arrays and the part write
 share outside the vLLM engine itself is at least this.
 
     .venv/bin/python bench/pipeline.py                 # about 15 minutes on 2 cores
-    .venv/bin/python bench/pipeline.py --out /tmp/p   # keep the outputs there
+    .venv/bin/python bench/pipeline.py --out runs/p   # keep the outputs there
 """
 
 from __future__ import annotations

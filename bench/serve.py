@@ -7,7 +7,7 @@ costs next to nothing. Prints requests/s and p50/p99 latency per concurrency and
 raydapt/raw. Goals: throughput >= 0.9x raw, p99 <= 1.2x raw. Loopback only.
 
     .venv/bin/python bench/serve.py                  # about 5 minutes on 2 cores
-    .venv/bin/python bench/serve.py --requests 1 --max-tokens 16 --out /tmp/serve_bench.json
+    .venv/bin/python bench/serve.py --requests 1 --max-tokens 16 --out runs/serve_bench.json
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level (median kept)")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--cache", type=Path, default=Path("/tmp/raydapt_bench_serve"))
+    ap.add_argument("--cache", type=Path, default=Path("runs/raydapt_bench_serve"))
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     args.log_dir = args.cache

@@ -15,7 +15,7 @@ batch end, which adds Ray Data's hand-offs. The raw vLLM baseline is timed per b
 same size; medians over batches. Goal: pool >= 0.9x raw vLLM.
 
     .venv/bin/python bench/teacher.py                 # about 5 minutes on 2 cores
-    .venv/bin/python bench/teacher.py --rows 64 --prompts 32 --out /tmp/teacher_bench.json
+    .venv/bin/python bench/teacher.py --rows 64 --prompts 32 --out runs/teacher_bench.json
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--work", default="/tmp/raydapt-bench-teacher")
+    ap.add_argument("--work", default="runs/raydapt-bench-teacher")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     work = Path(args.work)

@@ -1,7 +1,7 @@
 """Sweep vs sequential: the same 4 train configs as one `raydapt tune` sweep (2 trials at a
 time, FIFO so every trial runs all its steps) and as 4 sequential `raydapt train` runs.
 
-    PYTHONPATH=. .venv/bin/python bench/tune.py [--steps 20] [--out /tmp/raydapt-bench-tune]
+    PYTHONPATH=. .venv/bin/python bench/tune.py [--steps 20] [--out runs/raydapt-bench-tune]
 
 Prints the wall time of each and the ratio sequential / sweep, measured in the same process
 on one local Ray cluster (prepare runs once first and is not timed).
@@ -36,7 +36,7 @@ def job(out: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--out", default="/tmp/raydapt-bench-tune")
+    ap.add_argument("--out", default="runs/raydapt-bench-tune")
     args = ap.parse_args()
     import raydapt.corpus
     import raydapt.tune

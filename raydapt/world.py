@@ -12,7 +12,7 @@ The demo and the tests run with no downloads, so raydapt carries its own small w
 
 Metrics: `exact_match` of the final answer (the text after `####`) and the entropy floor.
 
-    python -m raydapt.world --out /tmp/world   # writes train.jsonl and heldout.jsonl
+    python -m raydapt.world --out runs/world   # writes train.jsonl and heldout.jsonl
 """
 
 from __future__ import annotations
