@@ -27,7 +27,6 @@ import csv
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import time
@@ -40,7 +39,6 @@ from raydapt.storage import hash_json, read_manifest
 from raydapt.tune_space import check_space, make_scheduler, make_search, tune_space
 
 FAIL_ENV = "RAYDAPT_TUNE_FAIL"
-_TRIAL_ID = re.compile(r"([0-9a-f]{5}_\d{5})")
 
 
 def trial_job(job: dict, params: dict, trial_id: str) -> JobConfig:
@@ -153,8 +151,7 @@ def _trial_rows(cfg: JobConfig, results, sweep_dir: Path) -> tuple[list[dict], d
     metric, rows, curves = cfg.tune.metric, [], {}
     for r in results:
         m = dict(r.metrics or {})
-        found = _TRIAL_ID.search(str(m.get("trial_id") or Path(r.path).name))
-        tid = found.group(1) if found else Path(r.path).name
+        tid = _trial_id(m, Path(r.path), sweep_dir)
         df = r.metrics_dataframe
         pts: list = []
         if df is not None and metric in df.columns and "step" in df.columns:
@@ -169,6 +166,21 @@ def _trial_rows(cfg: JobConfig, results, sweep_dir: Path) -> tuple[list[dict], d
         curves[tid] = pts
     rows.sort(key=lambda row: row["trial"])
     return rows, curves
+
+
+def _trial_id(metrics: dict, path: Path, sweep_dir: Path) -> str:
+    """The id `_trial` used for its folder: from the result, else from Tune's folder name.
+
+    Ids look like `ab12c_00000` (random/grid) or `ef5800e1` (search algorithms such as
+    Optuna); a trial that errored before its first report has no metrics, only its folder.
+    """
+    if metrics.get("trial_id"):
+        return str(metrics["trial_id"])
+    known = [p.name for p in (sweep_dir / "trials").glob("*")]
+    for tid in sorted(known, key=len, reverse=True):
+        if f"_{tid}_" in f"{path.name}_":
+            return tid
+    return path.name
 
 
 def _best(rows: list[dict], metric: str, mode: str) -> dict | None:

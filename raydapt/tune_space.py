@@ -79,10 +79,6 @@ def check_space(cfg: JobConfig) -> None:
                 problems.append(f"tune.space.{dotted}: value {value!r} gives an invalid job ({why})")
     if tc.search == "optuna" and any("grid" in s for s in tc.space.values()):
         problems.append("tune.space: `grid` entries need tune.search=grid or random; optuna samples, use `choice`")
-    if tc.search == "optuna":
-        problems.append(
-            "tune.search: optuna is not supported yet (OptunaSearch fails on a trial's final "
-            "result, which lacks the metric); use random or grid")
     if tc.scheduler == "pbt":
         problems.append(
             "tune.scheduler: pbt is not supported yet (a PBT exploit would resume with the old "
@@ -130,9 +126,12 @@ def make_scheduler(cfg: JobConfig) -> Any:
 
 
 def make_search(cfg: JobConfig) -> Any:
-    """None (Tune's random/grid variant generator) or OptunaSearch."""
+    """None (Tune's random/grid variant generator) or Optuna TPE (raydapt.tune_optuna)."""
     if cfg.tune.search != "optuna":
         return None
-    from ray.tune.search.optuna import OptunaSearch
-
-    return OptunaSearch(seed=cfg.train.seed)
+    try:
+        from raydapt.tune_optuna import MetricReportsOptunaSearch
+    except ImportError as e:
+        raise UserError(f"tune.search: optuna needs the `optuna` package ({e}); "
+                        "install raydapt[tune] or use tune.search=random") from None
+    return MetricReportsOptunaSearch(seed=cfg.train.seed)
