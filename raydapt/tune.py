@@ -49,7 +49,7 @@ def trial_job(job: dict, params: dict, trial_id: str) -> JobConfig:
     return job_from_dict(data, f"tune trial {trial_id}")
 
 
-def _trial(config: dict, job: dict, sweep_dir: str, fail: str) -> None:
+def _trial(config: dict, job: dict, sweep_dir: str, fail: str, pbt: bool) -> None:
     """One Tune trial: one TorchTrainer; Train reports flow to Tune through the callback."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -62,7 +62,8 @@ def _trial(config: dict, job: dict, sweep_dir: str, fail: str) -> None:
     cfg = trial_job(job, config, trial_id)
     plan, files = make_plan(cfg)
     fail_at = 0
-    if fail and int(fail.split(":")[0]) == int(trial_id.rsplit("_", 1)[1]):
+    index = trial_id.rsplit("_", 1)[-1]  # `ab12c_00003` -> trial 3 (ids of search algorithms have no index)
+    if fail and index.isdigit() and int(fail.split(":")[0]) == int(index):
         fail_at = int(fail.split(":")[1])
     plan.update(train_dir=str(tdir), export_dir=str(tdir / "final"), resume=True, fail_at_step=fail_at)
     inputs = {"files": files, "prepared_fingerprint": plan["manifest"]["prepared_fingerprint"],
@@ -70,11 +71,25 @@ def _trial(config: dict, job: dict, sweep_dir: str, fail: str) -> None:
     (tdir / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True))
     from raydapt.train.checkpoint import latest_ray
 
-    latest = latest_ray(tdir / "run")  # what Train will resume from, if anything
-    with open(tdir / "starts.jsonl", "a") as f:  # one line per time this trial (re)started
-        f.write(json.dumps({"time": time.time(), "fail_at_step": fail_at, "checkpoint": latest.name if latest else None}) + "\n")
-    run_kw = {"name": "run", "storage_path": str(tdir), "callbacks": [TuneReportCallback()]}
-    result = build_trainer(cfg, plan, files, run_kw).fit()
+    starts = tdir / "starts.jsonl"  # one line per time this trial (re)started
+    n_start = len(starts.read_text().splitlines()) if starts.is_file() else 0
+    if pbt:  # each start is a fresh Train run from the checkpoint Tune hands over
+        from raydapt.tune_pbt import fit_reporting_checkpoints, restore_path
+
+        run_name, resume_from = f"run-{n_start}", restore_path(tdir)
+        plan["resume_from"] = resume_from
+        origin = resume_from
+    else:  # Train resumes its own run folder
+        latest = latest_ray(tdir / "run")
+        run_name, origin = "run", latest.name if latest else None
+    with open(starts, "a") as f:
+        f.write(json.dumps({"time": time.time(), "fail_at_step": fail_at, "checkpoint": origin,
+                            "lr": cfg.train.lr}) + "\n")
+    run_kw = {"name": run_name, "storage_path": str(tdir)}
+    if pbt:
+        result = fit_reporting_checkpoints(lambda cbs: build_trainer(cfg, plan, files, {**run_kw, "callbacks": cbs}))
+    else:
+        result = build_trainer(cfg, plan, files, {**run_kw, "callbacks": [TuneReportCallback()]}).fit()
     rv = result.return_value or {}
     (tdir / "done.json").write_text(json.dumps({"start_step": rv.get("start_step"), "metrics": result.metrics}))
 
@@ -110,7 +125,8 @@ def _experiment(cfg: JobConfig, job: dict, plan: dict) -> str:
 def _tuner(cfg: JobConfig, job: dict, sweep_dir: Path, name: str):
     from ray import tune
 
-    fn = tune.with_parameters(_trial, job=job, sweep_dir=str(sweep_dir), fail=os.environ.get(FAIL_ENV, ""))
+    fn = tune.with_parameters(_trial, job=job, sweep_dir=str(sweep_dir), fail=os.environ.get(FAIL_ENV, ""),
+                              pbt=cfg.tune.scheduler == "pbt")
     trainable = tune.with_resources(fn, {"CPU": cfg.tune.cpus_per_trial})
     path = sweep_dir / name
     if path.is_dir() and tune.Tuner.can_restore(str(path)):

@@ -13,10 +13,12 @@ ASHA's clock is the train loop's `step` (optimizer steps), so `max_t = train.max
 `tune.grace_period` counts reports of the metric: a `val_*` metric arrives every
 `train.eval_every` steps, so the grace period in steps is `grace_period * eval_every`.
 
-PBT is refused for now: it restores a trial from another trial's checkpoint with a mutated
-config, but the train loop restores the scheduler state (and with it the old peak lr) from
-the checkpoint, and the Train V2 -> Tune callback reports checkpoint paths, not Tune
-checkpoints. A PBT sweep would silently train with the old hyperparameters.
+PBT (`tune.scheduler: pbt`) perturbs every `train.checkpoint_every` steps: a trial in the
+bottom quantile continues from a top trial's checkpoint with a mutated copy of its train.*
+values (the `tune.space` entries are the mutations; `grid` lists become choices). Only
+values that can change in the middle of a run may be searched: lr, weight decay, KD
+temperature and weights, and the like; keys that change the model's shape or the data order
+(lora_r, mode, batch_size, ...) are refused. See raydapt.tune_pbt for how checkpoints move.
 """
 
 from __future__ import annotations
@@ -80,10 +82,7 @@ def check_space(cfg: JobConfig) -> None:
     if tc.search == "optuna" and any("grid" in s for s in tc.space.values()):
         problems.append("tune.space: `grid` entries need tune.search=grid or random; optuna samples, use `choice`")
     if tc.scheduler == "pbt":
-        problems.append(
-            "tune.scheduler: pbt is not supported yet (a PBT exploit would resume with the old "
-            "learning rate from the checkpoint's scheduler state); use asha or fifo"
-        )
+        problems += _pbt_problems(cfg)
     if tc.metric.startswith("val_") and cfg.train.eval_every == 0 and tc.scheduler == "asha":
         problems.append(
             f"tune.metric: {tc.metric} is only reported at the end when train.eval_every=0, so ASHA "
@@ -98,6 +97,26 @@ def check_space(cfg: JobConfig) -> None:
         raise ConfigError(problems, "tune")
 
 
+# What PBT may mutate: values a restored checkpoint can continue with. Anything else changes
+# the model's parameters (lora_*, mode, heads), the checkpoint layout, or the data order.
+PBT_MUTABLE = ("lr", "weight_decay", "betas", "grad_clip", "min_lr_ratio", "kd_loss", "kd_alpha", "kd_temperature", "jsd_beta")
+
+
+def _pbt_problems(cfg: JobConfig) -> list[str]:
+    tc, tr = cfg.tune, cfg.train
+    out = [f"tune.space.{k}: PBT mutates values inside a running trial and {k} cannot change there; "
+           f"PBT can search {', '.join('train.' + m for m in PBT_MUTABLE)} (use asha for the rest)"
+           for k in tc.space if k.split(".", 1)[1] not in PBT_MUTABLE]
+    if tr.checkpoint_every <= 0:
+        out.append("train.checkpoint_every: PBT perturbs at checkpoints; set it (e.g. 4x eval_every)")
+    elif tc.metric.startswith("val_") and (tr.eval_every <= 0 or tr.checkpoint_every % tr.eval_every):
+        out.append(f"train.eval_every: PBT compares {tc.metric} at each checkpoint, so eval_every must divide "
+                   f"checkpoint_every ({tr.eval_every} vs {tr.checkpoint_every})")
+    if tc.num_samples * max(1, sum(len(s.get("grid", [None])) for s in tc.space.values())) < 2:
+        out.append("tune.num_samples: PBT needs a population of at least 2 trials")
+    return out
+
+
 def report_interval(cfg: JobConfig) -> int:
     """Steps between two reports that carry `tune.metric`."""
     tr = cfg.train
@@ -108,8 +127,8 @@ def report_interval(cfg: JobConfig) -> int:
 
 
 def make_scheduler(cfg: JobConfig) -> Any:
-    """FIFO or ASHA with `step` as its clock (see the module docstring)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    """FIFO, ASHA or PBT with `step` as their clock (see the module docstring)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     tc = cfg.tune
     if tc.scheduler == "fifo":
@@ -122,7 +141,19 @@ def make_scheduler(cfg: JobConfig) -> Any:
             grace_period=grace,
             reduction_factor=tc.reduction_factor,
         )
-    raise UserError(f"tune.scheduler: {tc.scheduler!r} is not supported yet; use asha or fifo")
+    if tc.scheduler == "pbt":
+        mutations = {}
+        for dotted, spec in tc.space.items():
+            (form, args), = spec.items()
+            mutations[dotted.split(".", 1)[1]] = _domain("choice" if form == "grid" else form, args, exhaustive=False)
+        return PopulationBasedTraining(
+            time_attr="step",
+            perturbation_interval=cfg.train.checkpoint_every,
+            hyperparam_mutations={"train": mutations},
+            require_attrs=False,  # log-step reports carry no val_* metric; PBT waits for one
+            synch=False,
+        )
+    raise UserError(f"tune.scheduler: {tc.scheduler!r} is not supported; use asha, pbt or fifo")
 
 
 def make_search(cfg: JobConfig) -> Any:

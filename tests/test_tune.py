@@ -151,12 +151,50 @@ def test_invalid_space_value_named_before_any_trial(tmp_path):
     assert not layout.tune_dir(cfg).exists()
 
 
-def test_pbt_is_refused_clearly(tmp_path):
+def test_pbt_refuses_shape_keys_clearly(tmp_path):
     import raydapt.tune
 
-    cfg = job_from_dict(_job(tmp_path, scheduler="pbt"))
-    with pytest.raises(ConfigError, match="pbt is not supported yet"):
+    cfg = job_from_dict(_job(tmp_path, scheduler="pbt", space={"train.lora_r": {"choice": [4, 8]},
+                                                               "train.lr": {"loguniform": [1e-4, 1e-2]}}))
+    with pytest.raises(ConfigError) as e:
         raydapt.tune.run(cfg)
+    msg = str(e.value)
+    assert "tune.space.train.lora_r: PBT" in msg and "train.lr" not in msg.split("lora_r", 1)[0]
+    assert not layout.tune_dir(cfg).exists()
+
+
+@pytest.mark.slow
+def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
+    """Real PBT: the weak trial (lr 1e-6) must continue from the strong trial's checkpoint,
+    with a mutated lr that the loop really trains with (not the checkpoint's old schedule)."""
+    import raydapt.corpus
+    import raydapt.tune
+    from raydapt.train.loop import lr_factor
+
+    ray_session()
+    train = {**TRAIN, "max_steps": 12, "eval_every": 4, "checkpoint_every": 4, "log_every": 4, "warmup_steps": 1}
+    job = {**_job(tmp_path, search="grid", scheduler="pbt", num_samples=1,
+                  space={"train.lr": {"grid": [1e-2, 1e-6]}}), "train": train}
+    cfg = job_from_dict(job)
+    raydapt.corpus.run(cfg)
+    s = raydapt.tune.run(cfg)
+    tdir = layout.tune_dir(cfg) / "trials"
+    starts = {p.parent.name: [json.loads(x) for x in p.read_text().splitlines()] for p in tdir.glob("*/starts.jsonl")}
+    assert len(starts) == 2, starts
+    weak = next(t for t, st in starts.items() if st[0]["lr"] == 1e-6)
+    strong = next(t for t in starts if t != weak)
+    exploits = [st for st in starts[weak][1:] if st["checkpoint"] and f"_{strong}_" in st["checkpoint"]]
+    assert exploits, f"PBT never exploited: {starts}"
+    last = exploits[-1]  # metrics.jsonl past a restore point is rewritten by that restart
+    restored = json.loads((Path(last["checkpoint"]) / "meta.json").read_text())["step"]
+    metrics = {m["step"]: m for m in map(json.loads, (tdir / weak / "metrics.jsonl").read_text().splitlines())}
+    # the first step after the restore trains with the trial's lr on the schedule, whatever
+    # PBT chose (the checkpoint's own scheduler state would give the strong trial's lr)
+    assert metrics[restored + 1]["lr"] == pytest.approx(last["lr"] * lr_factor(restored, cfg.train), rel=1e-6)
+    rows = {r["trial"]: r for r in s["rows"]}
+    assert not s["failed"] and rows[weak]["steps"] == 12, rows
+    # at lr 1e-6 the weak trial had barely moved by step 4; after the exploit it learned
+    assert rows[weak]["val_loss"] < metrics[4]["val_loss"] - 0.3, (rows, metrics[4])
 
 
 def test_space_forms():

@@ -236,20 +236,43 @@ def load_tables(plan: dict, tc: TrainConfig):
     return train, val
 
 
-def resume_step(plan: dict, model, optim, sched) -> int:
-    """Restore from Ray's latest checkpoint (or the local-mode folder); 0 when none."""
+def resume_step(plan: dict, model, optim, sched, tc: TrainConfig) -> int:
+    """Restore the latest checkpoint; 0 when none.
+
+    Where from: the local-mode folder; else this Train run's own latest checkpoint (a
+    worker-group restart); else `plan["resume_from"]`, a checkpoint of another run (a Tune
+    PBT exploit or a Tune-restored trial: Train V2 takes it through the loop config).
+    """
     import ray.train
 
     if not plan["resume"]:
         return 0
     if plan["local_mode"]:
         folder = ckpt.latest_local(Path(plan["train_dir"]))
-        return ckpt.restore(folder, model, optim, sched, plan["fingerprint"]) if folder else 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+        step = ckpt.restore(folder, model, optim, sched, plan["fingerprint"]) if folder else 0
+    elif (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as d:
+            step = ckpt.restore(Path(d), model, optim, sched, plan["fingerprint"])
+    elif plan.get("resume_from"):
+        step = ckpt.restore(Path(plan["resume_from"]), model, optim, sched, plan["fingerprint"])
+    else:
         return 0
-    with checkpoint.as_directory() as d:
-        return ckpt.restore(Path(d), model, optim, sched, plan["fingerprint"])
+    apply_hparams(optim, sched, tc)
+    return step
+
+
+def apply_hparams(optim, sched, tc: TrainConfig) -> None:
+    """Make the job's optimizer settings win over the ones restored with the checkpoint.
+
+    The optimizer and scheduler state dicts carry the lr, betas and weight decay of the run
+    that saved them. A resume with a changed `train.lr` (or a PBT exploit, which resumes
+    another trial's checkpoint with a mutated config) must train with the new values, not
+    silently with the old ones. The moments (exp_avg, exp_avg_sq) are kept.
+    """
+    sched.base_lrs = [tc.lr] * len(optim.param_groups)
+    for g in optim.param_groups:
+        g.update(initial_lr=tc.lr, lr=tc.lr * lr_factor(sched.last_epoch, tc), betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    sched._last_lr = [g["lr"] for g in optim.param_groups]
 
 
 def _threads(tc: TrainConfig) -> int:
@@ -277,7 +300,7 @@ def train_func(plan: dict) -> dict:
     device = device_for(tc.use_gpu)
     model, teacher, optim, sched, params = setup(plan, tc, device)
     train_rows, val_rows = load_tables(plan, tc)
-    start = resume_step(plan, model, optim, sched)
+    start = resume_step(plan, model, optim, sched, tc)
     train_dir = Path(plan["train_dir"])
     log = MetricsLog(train_dir, start, tc.max_steps, tc.log_every)
     fail_at = int(plan.get("fail_at_step") or 0)
