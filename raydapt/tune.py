@@ -102,8 +102,9 @@ def _base_job(cfg: JobConfig) -> dict:
     job["output_dir"] = str(cfg.out.resolve())
     job["student"]["path"] = str(resolve_model(cfg, "student").resolve())
     if not cfg.train.torch_threads:  # concurrent trials share the node's cores
-        per_trial = max(1, cfg.tune.max_concurrent_trials) * max(1, cfg.train.num_workers)
-        job["train"]["torch_threads"] = max(1, (os.cpu_count() or 1) // per_trial)
+        from raydapt.train.loop import cores_per
+
+        job["train"]["torch_threads"] = cores_per(max(1, cfg.tune.max_concurrent_trials) * max(1, cfg.train.num_workers))
     return job
 
 

@@ -82,6 +82,16 @@ def metrics(cfg) -> list[dict]:
     return [json.loads(x) for x in (layout.train_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_resumed_exactly(straight, killed, start: int, steps: int, summary: dict) -> None:
+    """A run killed after `start` and rerun matches the uninterrupted run step for step."""
+    assert summary["return_value"]["start_step"] == start
+    a, b = metrics(straight), metrics(killed)
+    assert [x["step"] for x in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (x["step"], x["loss"], y["loss"])
+    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 1e-5
+
+
 def checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
     """The model part of a DCP checkpoint folder as a plain dict."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -285,13 +295,7 @@ def test_resume_local_mode_continues_exactly(job, monkeypatch):
         run(killed)
     monkeypatch.delenv("RAYDAPT_FAIL_AT_STEP")
     assert [x["step"] for x in metrics(killed)] == [1, 2, 3, 4, 5]
-    summary = run(killed)
-    assert summary["return_value"]["start_step"] == 5
-    a, b = metrics(straight), metrics(killed)
-    assert [x["step"] for x in b] == list(range(1, 11))
-    for x, y in zip(a, b, strict=True):
-        assert abs(x["loss"] - y["loss"]) < 1e-5, (x["step"], x["loss"], y["loss"])
-    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 1e-5
+    assert_resumed_exactly(straight, killed, 5, 10, run(killed))
 
 
 # ----------------------------------------------------------------------------- bad input

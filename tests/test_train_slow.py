@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import make_job, metrics, prepared_rows, run, write_prepared
+from test_train import assert_resumed_exactly, make_job, metrics, prepared_rows, run, write_prepared
 
 from raydapt import layout
 
@@ -67,10 +67,4 @@ def test_resume_two_workers_continues_exactly(setup, monkeypatch):
         run(killed)
     monkeypatch.delenv("RAYDAPT_FAIL_AT_STEP")
     assert [x["step"] for x in metrics(killed)] == [1, 2, 3, 4]
-    summary = run(killed)
-    assert summary["return_value"]["start_step"] == 4
-    a, b = metrics(straight), metrics(killed)
-    assert [x["step"] for x in b] == list(range(1, 9))
-    for x, y in zip(a, b, strict=True):
-        assert abs(x["loss"] - y["loss"]) < 1e-5, (x["step"], x["loss"], y["loss"])
-    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 1e-5
+    assert_resumed_exactly(straight, killed, 4, 8, run(killed))

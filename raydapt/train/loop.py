@@ -286,7 +286,12 @@ def _threads(tc: TrainConfig) -> int:
         local = ray.train.get_context().get_local_world_size()
     except Exception:  # noqa: BLE001 - local mode has no Train context
         local = 1
-    return max(1, (os.cpu_count() or 1) // max(1, local))
+    return cores_per(local)
+
+
+def cores_per(consumers: int) -> int:
+    """This node's cores shared evenly among `consumers` processes (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // max(1, consumers))
 
 
 def train_func(plan: dict) -> dict:
