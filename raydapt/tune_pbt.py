@@ -18,7 +18,26 @@ from pathlib import Path
 from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
+from ray.tune.schedulers import PopulationBasedTraining
 from ray.util.queue import Empty, Queue
+
+
+class FinalStepPBT(PopulationBasedTraining):
+    """PBT that leaves a trial alone at its last step.
+
+    Tune's PBT perturbs whenever `perturbation_interval` steps have passed, the final report
+    included: a weak trial would then restart a whole Train run from the donor's final
+    checkpoint only to train zero steps and report the donor's score as its own.
+    """
+
+    def __init__(self, final_step: int, **kw: Any):
+        super().__init__(**kw)
+        self.final_step = final_step
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if result.get(self._time_attr, 0) >= self.final_step:
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 class CheckpointBridge(UserCallback):

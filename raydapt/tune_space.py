@@ -2,7 +2,7 @@
 
     space = tune_space(cfg.tune)            # {"train": {"lr": tune.loguniform(1e-4, 1e-2)}}
     check_space(cfg)                        # UserError naming the key, before a trial starts
-    scheduler = make_scheduler(cfg)         # ASHA on `step`, FIFO; PBT is refused (see below)
+    scheduler = make_scheduler(cfg)         # ASHA or PBT on `step`, or FIFO
 
 Space forms (`tune.space` maps "train.key" to one of them):
 `{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi exclusive, as in
@@ -128,7 +128,7 @@ def report_interval(cfg: JobConfig) -> int:
 
 def make_scheduler(cfg: JobConfig) -> Any:
     """FIFO, ASHA or PBT with `step` as their clock (see the module docstring)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     tc = cfg.tune
     if tc.scheduler == "fifo":
@@ -146,7 +146,10 @@ def make_scheduler(cfg: JobConfig) -> Any:
         for dotted, spec in tc.space.items():
             (form, args), = spec.items()
             mutations[dotted.split(".", 1)[1]] = _domain("choice" if form == "grid" else form, args, exhaustive=False)
-        return PopulationBasedTraining(
+        from raydapt.tune_pbt import FinalStepPBT
+
+        return FinalStepPBT(
+            final_step=cfg.train.max_steps,
             time_attr="step",
             perturbation_interval=cfg.train.checkpoint_every,
             hyperparam_mutations={"train": mutations},

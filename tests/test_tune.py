@@ -187,6 +187,7 @@ def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
     assert exploits, f"PBT never exploited: {starts}"
     last = exploits[-1]  # metrics.jsonl past a restore point is rewritten by that restart
     restored = json.loads((Path(last["checkpoint"]) / "meta.json").read_text())["step"]
+    assert restored < 12, f"PBT perturbed at the final step (raydapt.tune_pbt.FinalStepPBT): {starts}"
     metrics = {m["step"]: m for m in map(json.loads, (tdir / weak / "metrics.jsonl").read_text().splitlines())}
     # the first step after the restore trains with the trial's lr on the schedule, whatever
     # PBT chose (the checkpoint's own scheduler state would give the strong trial's lr)
