@@ -132,6 +132,8 @@ class TrainConfig:
     log_every: int = _f(10, "Console progress line every N steps.")
     seed: int = _f(0, "Seed for init, data order and dropout.")
     resume: bool = _f(True, "Resume from the run's latest checkpoint when one exists.")
+    max_failures: int = _f(0, "Worker-group restarts (Ray Train FailureConfig) after a worker process or node dies: the run continues from its latest checkpoint. -1: unlimited; 0: the run fails at once (rerun it to resume).")
+    placement_strategy: str = _f("PACK", "Placement of Train workers on nodes: PACK (fewest nodes) | SPREAD (one per node where possible, so a lost node takes fewer ranks).")
     # lora
     lora_r: int = _f(8, "lora: rank.")
     lora_alpha: float = _f(16.0, "lora: alpha.")
@@ -265,6 +267,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.teacher": ("offline", "online"),
     "train.kd_loss": ("forward_kl", "reverse_kl", "jsd"),
     "train.new_head": ("", "classification"),
+    "train.placement_strategy": ("PACK", "SPREAD"),
     "tune.search": ("random", "grid", "optuna"),
     "tune.scheduler": ("fifo", "asha", "pbt"),
     "tune.mode": ("min", "max"),

@@ -115,7 +115,8 @@ def finish_manifest(folder: Path, manifest: dict) -> dict:
     """Write the manifest last, marked complete, with a timestamp and versions."""
     manifest = dict(manifest)
     manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    manifest.setdefault("versions", versions())
+    if "versions" not in manifest:  # versions() imports torch, transformers and ray: seconds
+        manifest["versions"] = versions()
     manifest["complete"] = True
     write_json_atomic(folder / MANIFEST, manifest)
     return manifest

@@ -26,11 +26,27 @@ from typing import Any
 
 import pyarrow as pa
 
+from raydapt.faults import park_until_killed
 from raydapt.targets import PartStore
 
 log = logging.getLogger(__name__)
 
 FAIL_AFTER_ENV = "RAYDAPT_TEACH_FAIL_AFTER_PARTS"  # test hook: an actor crashes after N parts
+HOLD_ENV = "RAYDAPT_TEACH_HOLD_FILE"  # fault tests: one actor parks after writing a part
+
+
+def hold_for_kill(path: str, part: Any, table: pa.Table) -> None:
+    """Fault-injection point: the first actor to get here parks until something kills it.
+
+    It has written its part but not yet returned the batch, the worst moment to die: the
+    retried batch writes the same ids again, and only `PartStore.finalize`'s dedupe keeps
+    each id once. The claim is an O_EXCL file, so exactly one actor of the pool holds.
+    """
+    try:
+        os.close(os.open(path + ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    park_until_killed(path, {"part": str(part), "ids": table.column("id").to_pylist()})
 
 
 def make_backend(spec: dict) -> Any:
@@ -55,13 +71,16 @@ class TeacherActor:
         self.store = PartStore(spec["final"])
         self.parts = 0
         self.fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
+        self.hold_file = os.environ.get(HOLD_ENV, "")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from raydapt.teacher.work import teach_batch
 
         t0 = time.time()
         table = teach_batch(self.backend, batch, self.spec, self.student_tok)
-        self.store.write(table)
+        part = self.store.write(table)
+        if self.hold_file:
+            hold_for_kill(self.hold_file, part, table)
         t1 = time.time()
         self.parts += 1
         if self.fail_after and self.parts >= self.fail_after:
@@ -82,7 +101,7 @@ def run_pool(rows: pa.Table, spec: dict, tcfg: Any) -> dict:
     blocks = [rows.slice(i, bs) for i in range(0, rows.num_rows, bs)]
     ds = ray.data.from_arrow(blocks)
     env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(tcfg.kv_cache_gib)))}
-    for k in (FAIL_AFTER_ENV, "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
+    for k in (FAIL_AFTER_ENV, HOLD_ENV, "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
         if k in os.environ:
             env[k] = os.environ[k]
     num_gpus = tcfg.gpus_per_actor or 0

@@ -12,7 +12,10 @@ builds the Ray datasets; workers only read their shards (see data.py for why uns
 
 `train.num_workers=0` runs the train function in this process (Train local mode): no
 sharding, checkpoints in <train_dir>/checkpoints/. Set RAYDAPT_FAIL_AT_STEP=N to make the
-workers raise right after step N (the resume tests use it).
+workers raise right after step N (the resume tests use it). RAYDAPT_HOLD_AT_STEP=N[,M...]
+with RAYDAPT_HOLD_FILE=PATH makes every worker, once per step, write its pid to
+PATH.s<N>.rank<r> after step N and wait to be killed from outside (tests/test_faults.py,
+bench/chaos.py).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from raydapt.config import JobConfig
 from raydapt.errors import UserError
 from raydapt.storage import hash_json, read_manifest, require_manifest
 from raydapt.train import checkpoint as ckpt
-from raydapt.train.loop import FAIL_ENV, train_func
+from raydapt.train.loop import FAIL_ENV, HOLD_FILE_ENV, HOLD_STEP_ENV, train_func
 from raydapt.train.modes import check_lora_targets, check_seq_len, is_classification, meta_model
 
 BASE_COLUMNS = ["id", "input_ids", "loss_mask"]
@@ -126,6 +129,7 @@ def make_plan(cfg: JobConfig) -> tuple[dict, dict[str, list[str]]]:
         "local_mode": local_mode,
         "resume": tc.resume,
         "fail_at_step": int(os.environ.get(FAIL_ENV, "0") or 0),
+        "hold": hold_spec(),
         "train_columns": BASE_COLUMNS + extra + (topk if tc.mode == "distill" else []),
         "val_columns": BASE_COLUMNS + extra,
         "has_validation": bool(val_files),
@@ -140,6 +144,21 @@ def make_plan(cfg: JobConfig) -> tuple[dict, dict[str, list[str]]]:
         },
     }
     return plan, {"train": train_files, "validation": val_files}
+
+
+def hold_spec() -> dict | None:
+    """Fault-injection point for the fault tests and bench/chaos.py (see loop.hold_for_kill)."""
+    raw = os.environ.get(HOLD_STEP_ENV, "")
+    path = os.environ.get(HOLD_FILE_ENV, "")
+    if not raw:
+        return None
+    try:
+        steps = [int(s) for s in raw.split(",")]
+    except ValueError:
+        raise UserError(f"{HOLD_STEP_ENV}={raw!r}: give step numbers separated by commas, e.g. 4,9") from None
+    if not path:
+        raise UserError(f"{HOLD_STEP_ENV}={raw} needs {HOLD_FILE_ENV}=<path> (where the held workers write their pids)")
+    return {"steps": steps, "file": str(Path(path).resolve())}
 
 
 def _check_labels(files: list[str], num_labels: int) -> None:
@@ -210,11 +229,14 @@ def build_trainer(cfg: JobConfig, plan: dict, files: dict[str, list[str]], run_c
     if files["validation"]:
         datasets["validation"] = _dataset(files["validation"], plan["val_columns"])
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
-    scaling = ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources)
+    scaling = ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources,
+                            placement_strategy=tc.placement_strategy)
     kw = {
         "name": cfg.name,
         "storage_path": plan["train_dir"],
-        "failure_config": FailureConfig(max_failures=0),
+        # a dead worker or node restarts the whole worker group, which resumes from the
+        # latest registered checkpoint (loop.resume_step); the data position is the step
+        "failure_config": FailureConfig(max_failures=tc.max_failures),
         "checkpoint_config": CheckpointConfig(num_to_keep=2),
         # Train's INFO lines (one per report) would bury the trainer's own progress line
         "logging_config": LoggingConfig(log_level="WARNING"),

@@ -30,6 +30,7 @@ from torch import nn
 
 from raydapt.config import TrainConfig, job_from_dict
 from raydapt.errors import UserError
+from raydapt.faults import park_until_killed
 from raydapt.train import checkpoint as ckpt
 from raydapt.train import data
 from raydapt.train.fsdp import (
@@ -45,6 +46,23 @@ from raydapt.train.losses import ce_loss, distill_loss, full_kd_loss, topk_kd_lo
 from raydapt.train.modes import build_student, is_classification, load_teacher, trainable
 
 FAIL_ENV = "RAYDAPT_FAIL_AT_STEP"  # failure injection for resume tests: raise after this step
+HOLD_STEP_ENV = "RAYDAPT_HOLD_AT_STEP"  # fault tests: after this step, wait to be killed ...
+HOLD_FILE_ENV = "RAYDAPT_HOLD_FILE"  # ... having written {pid, node} to <this path>.rank<r>
+
+
+def hold_for_kill(hold: dict | None, step: int, rank: int) -> None:
+    """Fault-injection point: park this worker after each of `hold["steps"]` until killed.
+
+    Each rank writes `<file>.s<step>.rank<r>` (pid, node id), then waits, so a test or
+    bench/chaos.py can SIGKILL a real worker process (or remove its node) at a known step.
+    A rank holds once per file: the restarted worker group, which redoes the steps after
+    the last checkpoint, finds its file and runs on.
+    """
+    if not hold or step not in hold["steps"]:
+        return
+    path = Path(f"{hold['file']}.s{step}.rank{rank}")
+    if not path.exists():
+        park_until_killed(path, {"rank": rank, "step": step})
 
 
 def lr_factor(step: int, tc: TrainConfig) -> float:
@@ -334,6 +352,7 @@ def train_func(plan: dict) -> dict:
             ckpt.save(model, optim, sched, step, plan["fingerprint"], m, train_dir, plan["local_mode"])
         elif step % tc.log_every == 0 or "val_loss" in m:
             ray.train.report(m)
+        hold_for_kill(plan.get("hold"), step, rank)
         if fail_at and step == fail_at:
             raise RuntimeError(f"{FAIL_ENV}={fail_at}: injected failure after step {step}")
     log.close()

@@ -1,0 +1,176 @@
+"""Chaos: a scripted series of faults injected into `raydapt run` of the demo job on a 3-node
+simulated cluster, against the same run without faults.
+
+    .venv/bin/python bench/chaos.py            # demo job shrunk by QUICK (a few minutes per run)
+    .venv/bin/python bench/chaos.py --full     # the demo job's own sizes (long on 2 cores)
+
+The cluster is `ray.cluster_utils.Cluster` in this process: a head node without CPUs and two
+worker nodes with 2 CPUs each. `python -m raydapt run jobs/demo.yaml` runs as a subprocess
+attached to it through RAY_ADDRESS, stages prepare, teach, train, with 2 teacher actors and 2
+SPREAD Train workers (train.max_failures=3). The script, all real faults:
+
+  1. teach: SIGKILL the teacher actor that has written a part but not yet returned its batch;
+  2. train: SIGKILL rank 1 after step HOLD[0];
+  3. train: remove the node of rank 0 after step HOLD[1] (both ranks finish on the other node).
+
+The workers park at those points through the fault-injection hooks (RAYDAPT_TEACH_HOLD_FILE,
+RAYDAPT_HOLD_AT_STEP / RAYDAPT_HOLD_FILE), so each fault lands where it is meant to. Prints
+faults injected and survived, target rows lost or duplicated (each prepared id must be a
+target exactly once), the final loss against the baseline, and the extra wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("RAYDAPT_PROGRESS", "0")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+JOB = ROOT / "jobs" / "demo.yaml"
+HOLD = (8, 20)  # train steps after which rank 1 is killed, then rank 0's node removed
+FAULT_TOLERANT = ["stages=[prepare,teach,train]", "teach.min_actors=1", "teach.max_actors=2",
+                  "train.num_workers=2", "train.cpus_per_worker=1", "train.placement_strategy=SPREAD",
+                  "train.max_failures=3", "train.checkpoint_every=5"]
+QUICK = ["corpus.world_train=400", "corpus.world_heldout=20", "corpus.world_markov_docs=100",
+         "teach.batch_size=16", "train.max_steps=30", "train.warmup_steps=5", "train.eval_every=15"]
+WORKER_NODE = {"num_cpus": 2, "object_store_memory": 300 * 2**20, "resources": {"worker_node": 1}}
+
+
+def start_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 400 * 2**20, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(**WORKER_NODE)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def wait_json(path: Path, proc: subprocess.Popen, timeout: float = 900) -> dict | None:
+    """A held worker's {pid, node_id}; None if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+    return json.loads(path.read_text())
+
+
+def inject(cluster, hold: Path, proc: subprocess.Popen, log: list[str]) -> None:
+    """The fault script; each fault is logged when injected."""
+    teacher = wait_json(hold / "teach", proc)
+    if teacher:
+        os.kill(teacher["pid"], signal.SIGKILL)
+        log.append(f"teach: SIGKILL teacher actor pid {teacher['pid']} after it wrote {Path(teacher['part']).name}")
+    ranks = [wait_json(hold / f"train.s{HOLD[0]}.rank{r}", proc) for r in (0, 1)]
+    if all(ranks):
+        os.kill(ranks[1]["pid"], signal.SIGKILL)
+        log.append(f"train: SIGKILL rank 1 (pid {ranks[1]['pid']}) after step {HOLD[0]}")
+    ranks = [wait_json(hold / f"train.s{HOLD[1]}.rank{r}", proc) for r in (0, 1)]
+    if all(ranks):
+        node = next((n for n in cluster.worker_nodes if n.node_id == ranks[0]["node_id"]), None)
+        if node is not None:
+            cluster.remove_node(node, allow_graceful=False)
+            # the run finishes on the node left (no node is added back: Ray's Node must be
+            # built in the main thread)
+            log.append(f"train: removed node {ranks[0]['node_id'][:8]} (rank 0) after step {HOLD[1]}")
+
+
+def run_job(cluster, out: Path, overrides: list[str], faults: bool) -> dict:
+    """`raydapt run` on the cluster; with `faults`, the script above runs beside it."""
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    hold = out / "hold"
+    if faults:
+        hold.mkdir(parents=True, exist_ok=True)
+        env |= {"RAYDAPT_TEACH_HOLD_FILE": str(hold / "teach"), "RAYDAPT_HOLD_AT_STEP": ",".join(map(str, HOLD)),
+                "RAYDAPT_HOLD_FILE": str(hold / "train")}
+    cmd = [sys.executable, "-m", "raydapt", "run", str(JOB), f"output_dir={out}", *overrides]
+    t0 = time.perf_counter()
+    with open(out.with_suffix(".log"), "w") as logf:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
+        log: list[str] = []
+        injector = threading.Thread(target=inject, args=(cluster, hold, proc, log), daemon=True)
+        if faults:
+            injector.start()
+        rc = proc.wait()
+    seconds = time.perf_counter() - t0
+    if faults:
+        injector.join(5)
+    return {"rc": rc, "seconds": seconds, "faults": log, **outcome(out, overrides)}
+
+
+def outcome(out: Path, overrides: list[str]) -> dict:
+    """Target ids against the prepared ids, and the run's final training loss."""
+    import pyarrow.parquet as pq
+
+    from raydapt import layout
+    from raydapt.config import load_job
+    from raydapt.targets import read_targets
+
+    cfg = load_job(JOB, [f"output_dir={out}", *overrides])
+    want = pq.read_table(layout.prepared_dir(cfg) / "train", columns=["id"]).column("id").to_pylist()
+    try:
+        _, files = read_targets(layout.targets_dir(cfg))
+        got = [x for f in files for x in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
+    except Exception:  # noqa: BLE001 - a failed run reports everything as lost
+        got = []
+    metrics = layout.train_dir(cfg) / "metrics.jsonl"
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    final = {x["step"]: x for x in lines}.get(cfg.train.max_steps, {})
+    return {"rows": len(want), "lost": len(set(want) - set(got)), "duplicated": len(got) - len(set(got)),
+            "loss": final.get("loss"), "val_loss": final.get("val_loss")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="the demo job's own corpus and steps")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "chaos"), help="scratch folder")
+    args = ap.parse_args()
+    overrides = FAULT_TOLERANT + ([] if args.full else QUICK)
+    out = Path(args.out)
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cluster = start_cluster()
+    try:
+        base = run_job(cluster, out / "baseline", overrides, faults=False)
+        chaos = run_job(cluster, out / "chaos", overrides, faults=True)
+    finally:
+        cluster.shutdown()
+    report(base, chaos)
+
+
+def report(base: dict, chaos: dict) -> None:
+    ok = chaos["rc"] == 0 and chaos["lost"] == 0 and chaos["duplicated"] == 0
+    dloss = (abs(chaos["loss"] - base["loss"]) if chaos["loss"] is not None and base["loss"] is not None
+             else float("nan"))
+    print("\nfaults injected:")
+    for f in chaos["faults"]:
+        print(f"  - {f}")
+    print(f"faults injected: {len(chaos['faults'])}; faults survived: {len(chaos['faults']) if ok else 0}")
+    print(f"target rows: {chaos['rows']}; lost {chaos['lost']}, duplicated {chaos['duplicated']} "
+          f"(baseline: lost {base['lost']}, duplicated {base['duplicated']})")
+    print(f"final train loss: {chaos['loss']} vs baseline {base['loss']} (|diff| {dloss:.2e}); "
+          f"val_loss {chaos['val_loss']} vs {base['val_loss']}")
+    print(f"wall time: {chaos['seconds']:.0f} s with faults vs {base['seconds']:.0f} s without "
+          f"(+{chaos['seconds'] - base['seconds']:.0f} s, x{chaos['seconds'] / base['seconds']:.2f}); "
+          f"exit codes {chaos['rc']} / {base['rc']}")
+
+
+if __name__ == "__main__":
+    main()
