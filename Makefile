@@ -41,7 +41,7 @@ demo: setup  ## run the main job on the embedded world (local Ray, no downloads)
 	$(BIN)/python -m raydapt demo
 
 test: setup  ## run the test suite on a real local Ray cluster
-	$(BIN)/python -m pytest -x -q --timeout=900 tests
+	$(BIN)/python -m pytest -x -q --timeout=900 --durations=20 tests
 
 test-fast: setup  ## tests without vLLM engines or multi-process jobs
 	$(BIN)/python -m pytest -x -q -m "not slow" tests
