@@ -420,8 +420,6 @@ def validate(cfg: JobConfig) -> list[str]:
         p.append("train.lora_targets: lora mode needs at least one target module")
     if cfg.train.mode == "transfer" and cfg.train.freeze_layers < 0:
         p.append("train.freeze_layers: must be >= 0")
-    if cfg.teach.kind != "generate" and "teach" in cfg.stages and cfg.teach.k > 20 and cfg.teach.backend == "vllm":
-        pass  # the engine's max_logprobs is raised to k by the pool; nothing to check here
     for key, spec in cfg.tune.space.items():
         p += _validate_space_entry(key, spec)
     return p
