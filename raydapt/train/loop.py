@@ -312,10 +312,24 @@ def cores_per(consumers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, consumers))
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train V2 logs each report at INFO ("Reporting training result N: ...") through a
+    logger named by its file path, outside `ray.train`, so LoggingConfig(log_level) misses it
+    and the console gets a second, unreadable line per log step."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its lines rather than fail the run
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_func(plan: dict) -> dict:
     """Ray Train per-worker entry point. `plan` comes from launch.make_plan."""
     import ray.train
 
+    _quiet_report_lines()
     cfg = job_from_dict(plan["job"])
     tc = cfg.train
     rank, ws = world()
