@@ -168,6 +168,8 @@ class TuneConfig:
     max_concurrent_trials: int = _f(2, "Trials running at once.")
     grace_period: int = _f(1, "ASHA: reports before a trial may be stopped.")
     reduction_factor: int = _f(2, "ASHA: halving rate.")
+    pbt_synch: bool = _f(True, "PBT: compare all trials at the same step (trials wait for each other); "
+                               "false lets each trial be judged against the others' latest scores.")
     cpus_per_trial: float = _f(0.5, "Logical CPUs each trial's driver reserves (its Train workers add train.cpus_per_worker each).")
     space: dict = _f({}, "train.* key -> {loguniform|uniform: [lo, hi]} | {choice|grid: [...]} | {randint: [lo, hi]}.")
 

@@ -19,6 +19,11 @@ values (the `tune.space` entries are the mutations; `grid` lists become choices)
 values that can change in the middle of a run may be searched: lr, weight decay, KD
 temperature and weights, and the like; keys that change the model's shape or the data order
 (lora_r, mode, batch_size, ...) are refused. See raydapt.tune_pbt for how checkpoints move.
+By default PBT is synchronous (`tune.pbt_synch`): each trial pauses at a perturbation step
+until every trial has reached it, so trials are ranked on scores from the same step. On a
+shared machine trials start seconds apart and train at different speeds; asynchronous PBT
+then compares a trial with whatever the others last reported, or with nobody at all when a
+fast trial has already finished, and may never exploit.
 """
 
 from __future__ import annotations
@@ -154,7 +159,7 @@ def make_scheduler(cfg: JobConfig) -> Any:
             perturbation_interval=cfg.train.checkpoint_every,
             hyperparam_mutations={"train": mutations},
             require_attrs=False,  # log-step reports carry no val_* metric; PBT waits for one
-            synch=False,
+            synch=tc.pbt_synch,
         )
     raise UserError(f"tune.scheduler: {tc.scheduler!r} is not supported; use asha, pbt or fifo")
 

@@ -172,7 +172,8 @@ def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
     from raydapt.train.loop import lr_factor
 
     ray_session()
-    train = {**TRAIN, "max_steps": 12, "eval_every": 4, "checkpoint_every": 4, "log_every": 4, "warmup_steps": 1}
+    # 8 steps, checkpoints every 4: one perturbation (synchronous: both trials pause at step 4)
+    train = {**TRAIN, "max_steps": 8, "eval_every": 4, "checkpoint_every": 4, "log_every": 4, "warmup_steps": 1}
     job = {**_job(tmp_path, search="grid", scheduler="pbt", num_samples=1,
                   space={"train.lr": {"grid": [1e-2, 1e-6]}}), "train": train}
     cfg = job_from_dict(job)
@@ -187,13 +188,13 @@ def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
     assert exploits, f"PBT never exploited: {starts}"
     last = exploits[-1]  # metrics.jsonl past a restore point is rewritten by that restart
     restored = json.loads((Path(last["checkpoint"]) / "meta.json").read_text())["step"]
-    assert restored < 12, f"PBT perturbed at the final step (raydapt.tune_pbt.FinalStepPBT): {starts}"
+    assert restored < 8, f"PBT perturbed at the final step (raydapt.tune_pbt.FinalStepPBT): {starts}"
     metrics = {m["step"]: m for m in map(json.loads, (tdir / weak / "metrics.jsonl").read_text().splitlines())}
     # the first step after the restore trains with the trial's lr on the schedule, whatever
     # PBT chose (the checkpoint's own scheduler state would give the strong trial's lr)
     assert metrics[restored + 1]["lr"] == pytest.approx(last["lr"] * lr_factor(restored, cfg.train), rel=1e-6)
     rows = {r["trial"]: r for r in s["rows"]}
-    assert not s["failed"] and rows[weak]["steps"] == 12, rows
+    assert not s["failed"] and rows[weak]["steps"] == 8, rows
     # at lr 1e-6 the weak trial had barely moved by step 4; after the exploit it learned
     assert rows[weak]["val_loss"] < metrics[4]["val_loss"] - 0.3, (rows, metrics[4])
 
