@@ -194,6 +194,8 @@ class ServeConfig:
     adapters: dict = _f({}, "LoRA name -> adapter folder.")
     host: str = _f("127.0.0.1", "HTTP host.")
     port: int = _f(8000, "HTTP port.")
+    proxy_location: str = _f("EveryNode", "Where Serve runs HTTP proxies: EveryNode (Ray's default) | HeadOnly "
+                                          "(one port on the head; also for several nodes simulated on one machine).")
     min_replicas: int = _f(1, "Autoscaling: minimum replicas.")
     max_replicas: int = _f(1, "Autoscaling: maximum replicas.")
     target_ongoing_requests: int = _f(8, "Autoscaling: target ongoing requests per replica.")
@@ -270,6 +272,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.kd_loss": ("forward_kl", "reverse_kl", "jsd"),
     "train.new_head": ("", "classification"),
     "train.placement_strategy": ("PACK", "SPREAD"),
+    "serve.proxy_location": ("EveryNode", "HeadOnly"),
     "tune.search": ("random", "grid", "optuna"),
     "tune.scheduler": ("fifo", "asha", "pbt"),
     "tune.mode": ("min", "max"),

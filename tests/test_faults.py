@@ -404,9 +404,8 @@ def served(nodes, tiny_model_dir, tmp_path):
     from raydapt.serve import run
 
     port = _free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     cfg = job_from_dict({"output_dir": str(tmp_path), "serve": {
-        "name": "tiny", "port": port, "max_model_len": 128, "dtype": "float32", "min_replicas": 2,
+        "name": "tiny", "port": port, "proxy_location": "HeadOnly", "max_model_len": 128, "dtype": "float32", "min_replicas": 2,
         "max_replicas": 2, "cpus_per_replica": 1.0, "api_keys_env": "RAYDAPT_NO_KEYS_IN_THIS_TEST"}})
     try:
         yield run(cfg, str(tiny_model_dir), block=False)

@@ -123,7 +123,8 @@ def run(cfg: JobConfig, model_dir: str | None = None, block: bool = True) -> str
 
     app = build_app(cfg, model_dir)  # all validation before the cluster is touched
     connect(cfg.cluster)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(proxy_location=cfg.serve.proxy_location,
+                http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     print(f"raydapt serve: OpenAI API at {url}/v1 (models: {url}/v1/models)", flush=True)
