@@ -48,7 +48,13 @@ def _kv_env(cfg: JobConfig) -> dict[str, str]:
            # Route handling and the engine's output loop on the replica's own event loop: the
            # default extra user-code thread cost ~15 ms per request here (bench/serve.py).
            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-    for k in ("HF_HUB_OFFLINE", "HF_HOME", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"):
+    if not cfg.serve.gpus_per_replica:
+        # AsyncLLM always runs its engine core in a child process; on CPU this keeps vLLM's
+        # worker inside that child instead of starting a third process (one import of torch
+        # and vLLM fewer per replica start; see raydapt.teacher.vllm_backend)
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    for k in ("HF_HUB_OFFLINE", "HF_HOME", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
+              "VLLM_ENABLE_V1_MULTIPROCESSING"):
         if k in os.environ:
             env[k] = os.environ[k]
     return env
