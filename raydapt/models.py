@@ -197,6 +197,24 @@ def load_model(path: str | Path, dtype: str = "float32", **kw: Any):
     return model
 
 
+def engine_dtype(requested: str, model_path: str | Path, on_gpu: bool) -> str:
+    """The dtype a vLLM engine runs: on CPU, `auto` keeps a float32 checkpoint in float32.
+
+    vLLM's `auto` casts a float32 checkpoint to 16 bits. On a CPU without bfloat16 instructions
+    its bfloat16 matmuls fall back to a slow path (the demo's teacher scored 2.5x slower than in
+    float32) and the logprobs lose precision against transformers' float32 reference. On a GPU
+    the 16-bit cast is what users expect, so `auto` stays vLLM's there.
+    """
+    if requested != "auto" or on_gpu:
+        return requested
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return requested  # a hub id: vLLM reads its config
+    data = json.loads(config.read_text())
+    saved = str(data.get("dtype") or data.get("torch_dtype") or "").removeprefix("torch.")
+    return "float32" if saved == "float32" else requested
+
+
 def check_vocab(model_or_config: Any, tokenizer: Any, where: str) -> None:
     """A tokenizer whose ids exceed the embedding would index out of range: fail clearly."""
     cfg = getattr(model_or_config, "config", model_or_config)

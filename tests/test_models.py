@@ -55,3 +55,18 @@ def test_vllm_generates_from_init_model(tiny_model_dir, tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert "TOKENS 8" in r.stdout, r.stderr[-3000:]
+
+
+def test_engine_dtype_keeps_float32_checkpoints_on_cpu(tiny_model_dir, tmp_path):
+    """vLLM's `auto` would run a float32 checkpoint in bfloat16; on CPU raydapt asks for float32."""
+    from raydapt.models import engine_dtype
+
+    assert '"float32"' in (tiny_model_dir / "config.json").read_text()
+    assert engine_dtype("auto", tiny_model_dir, on_gpu=False) == "float32"
+    assert engine_dtype("auto", tiny_model_dir, on_gpu=True) == "auto"
+    assert engine_dtype("bfloat16", tiny_model_dir, on_gpu=False) == "bfloat16"
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    assert engine_dtype("auto", half, on_gpu=False) == "auto"
+    assert engine_dtype("auto", "org/model-on-the-hub", on_gpu=False) == "auto"

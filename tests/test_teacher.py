@@ -24,7 +24,7 @@ import pytest
 from raydapt import layout
 from raydapt.config import job_from_dict
 from raydapt.errors import UserError
-from raydapt.storage import finish_manifest
+from raydapt.storage import finish_manifest, read_manifest
 from raydapt.targets import PartStore, collate, decode_row_topk, read_targets
 from raydapt.teacher import convert
 
@@ -131,6 +131,35 @@ def test_flat_form_drops_the_duplicated_actual_token():
     assert lps[1].tolist() == pytest.approx([-0.2, -0.3])
 
 
+def _random_flat(rng: np.random.Generator, n: int, k: int, vocab: int = 40) -> SimpleNamespace:
+    """A flat form shaped as vLLM builds it: position 0 empty, then the actual token and the top k."""
+    tok, lp, rank, starts, ends = [], [], [], [0], [0]
+    for _ in range(1, n):
+        logp = rng.normal(size=vocab)
+        logp -= np.log(np.exp(logp).sum())
+        top, actual = np.argsort(-logp)[:k], int(rng.integers(vocab))
+        starts.append(len(tok))
+        tok += [actual, *top.tolist()]
+        lp += [float(logp[actual]), *logp[top].tolist()]
+        rank += [int((logp > logp[actual]).sum()) + 1, *range(1, k + 1)]
+        ends.append(len(tok))
+    return SimpleNamespace(token_ids=tok, logprobs=lp, ranks=rank, start_indices=starts, end_indices=ends)
+
+
+def test_flat_fast_path_equals_the_per_position_path():
+    """The one-reshape path for vLLM's usual layout gives what sorting each position by rank gives."""
+    rng = np.random.default_rng(0)
+    for n, k in ((2, 1), (17, 4), (60, 16)):
+        flat = _random_flat(rng, n, k)
+        assert convert._dense_from_full_flat(flat, n, k) is not None
+        fast = convert.dense_from_flat(flat, n, k)
+        general = SimpleNamespace(**{**vars(flat), "ranks": [None, *flat.ranks[1:]]})  # a None rank: no fast path
+        assert convert._dense_from_full_flat(general, n, k) is None
+        slow = convert.dense_from_flat(general, n, k)
+        assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
+        assert (np.diff(fast[1][:-1], axis=1) <= 0).all()  # each row in descending logprob order
+
+
 def test_response_mask_ids_and_seeds():
     m = convert.response_loss_mask(3, 2)  # tokens p0 p1 p2 r0 r1: positions 2, 3 predict r0, r1
     assert m.tolist() == [0, 0, 1, 1, 0]
@@ -196,6 +225,32 @@ def test_round_trip_through_the_trainer_reader(hf_run):
         np.testing.assert_array_equal(batch["topk_logprobs"][i, :n], lps)
         assert batch["input_ids"][i, :n].tolist() == rows["input_ids"][i]
         assert batch["loss_mask"][i, n:].sum() == 0
+
+
+@pytest.mark.slow
+def test_parts_removed_during_a_run_are_not_finalized(tiny_model_dir, world_dir, tmp_path, monkeypatch, ray_session):
+    """A part deleted from outside while the pool runs (a second run on the same output_dir):
+    the stage refuses to finalize a targets folder that lacks rows, and a rerun fills the gap."""
+    import raydapt.teacher.pool as pool
+    from raydapt.teacher import run
+
+    ray_session()
+    write_prepared(tmp_path, tiny_model_dir, world_dir)
+    cfg = job(tmp_path, tiny_model_dir, backend="hf")
+    real = pool.run_pool
+
+    def run_then_lose_a_part(rows, spec, tcfg):
+        stats = real(rows, spec, tcfg)
+        PartStore(spec["final"]).files()[0].unlink()
+        return stats
+
+    monkeypatch.setattr(pool, "run_pool", run_then_lose_a_part)
+    with pytest.raises(UserError, match=r"rows have no targets part .* changed from outside"):
+        run(cfg)
+    assert read_manifest(layout.targets_dir(cfg)) is None
+    monkeypatch.setattr(pool, "run_pool", real)
+    again = run(cfg)
+    assert again["rows"] == 12 and again["computed_rows"] == 4 and again["already_done"] == 8
 
 
 def test_hf_generate_is_reproducible_and_aligned(tiny_model_dir, world_dir, tmp_path):

@@ -62,6 +62,7 @@ def _kv_env(cfg: JobConfig) -> dict[str, str]:
 
 def build_spec(cfg: JobConfig, model_dir: str | None = None) -> dict:
     """Everything a replica needs, as plain data (no keys: only their digests)."""
+    from raydapt.models import engine_dtype
     from raydapt.serve.auth import load_key_digests
     from raydapt.serve.lora import resolve_adapters
 
@@ -71,7 +72,7 @@ def build_spec(cfg: JobConfig, model_dir: str | None = None) -> dict:
     adapters = resolve_adapters(cfg, path, name)
     rank = next((r for r in _LORA_RANKS if r >= s.max_lora_rank), _LORA_RANKS[-1])
     engine: dict[str, Any] = {
-        "model": str(path), "dtype": s.dtype, "enforce_eager": s.gpus_per_replica == 0,
+        "model": str(path), "dtype": engine_dtype(s.dtype, path, s.gpus_per_replica > 0), "enforce_eager": s.gpus_per_replica == 0,
         "max_model_len": s.max_model_len or None, "disable_log_stats": True,
         "enable_lora": bool(adapters), "max_logprobs": 20,
     }

@@ -36,6 +36,9 @@ def dense_from_flat(flat: Any, n_tokens: int, k: int) -> tuple[np.ndarray, np.nd
     the actual token and then the top k by rank (the actual token twice when it is in the
     top k). We keep exactly the distinct entries with rank 1..k, in rank order, and shift by one so that row t = position t+1.
     """
+    fast = _dense_from_full_flat(flat, n_tokens, k)
+    if fast is not None:
+        return fast
     ids = np.zeros((n_tokens, k), np.int64)  # (T, k)
     lps = np.full((n_tokens, k), -np.inf, np.float32)  # (T, k)
     tok = np.asarray(flat.token_ids, np.int64)
@@ -45,6 +48,31 @@ def dense_from_flat(flat: Any, n_tokens: int, k: int) -> tuple[np.ndarray, np.nd
     for t in range(n_tokens - 1):
         s, e = starts[t + 1], ends[t + 1]
         _fill(ids, lps, t, tok[s:e], lp[s:e], rank[s:e], k)
+    pad_row(ids, lps, n_tokens - 1)
+    return ids, lps
+
+
+def _dense_from_full_flat(flat: Any, n_tokens: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The usual layout in one reshape: positions 1..n-1 each hold the actual token and then
+    the top k with ranks 1..k. None when the layout differs; the caller then sorts each
+    position by rank."""
+    starts, ends = flat.start_indices, flat.end_indices
+    if n_tokens < 2 or len(starts) < n_tokens:
+        return None
+    s0, e_last = starts[1], ends[n_tokens - 1]
+    if e_last - s0 != (n_tokens - 1) * (k + 1) or (np.diff(starts[1:n_tokens]) != k + 1).any():
+        return None
+    try:
+        rank = np.asarray(flat.ranks[s0:e_last], np.int64).reshape(n_tokens - 1, k + 1)
+    except (TypeError, ValueError):  # a None rank
+        return None
+    if not (rank[:, 1:] == np.arange(1, k + 1)).all():
+        return None
+    tok = np.asarray(flat.token_ids[s0:e_last], np.int64).reshape(n_tokens - 1, k + 1)
+    lp = np.asarray(flat.logprobs[s0:e_last], np.float32).reshape(n_tokens - 1, k + 1)
+    ids = np.zeros((n_tokens, k), np.int64)  # (T, k)
+    lps = np.full((n_tokens, k), -np.inf, np.float32)  # (T, k)
+    ids[:-1], lps[:-1] = tok[:, 1:], lp[:, 1:]
     pad_row(ids, lps, n_tokens - 1)
     return ids, lps
 

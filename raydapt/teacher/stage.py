@@ -65,7 +65,7 @@ def _check_k(cfg: JobConfig) -> None:
 def _teacher_info(cfg: JobConfig) -> dict:
     from transformers import AutoConfig
 
-    from raydapt.models import load_tokenizer, tokenizer_hash, weights_hash
+    from raydapt.models import engine_dtype, load_tokenizer, tokenizer_hash, weights_hash
 
     path = _teacher_path(cfg)
     tok = load_tokenizer(path)
@@ -74,9 +74,11 @@ def _teacher_info(cfg: JobConfig) -> dict:
     if cfg.teach.max_model_len > max_pos:
         raise UserError(f"teach.max_model_len={cfg.teach.max_model_len} exceeds the teacher's max_position_embeddings "
                         f"({max_pos}, {path}); lower it or set 0 to use the model's")
+    on_gpu = cfg.teach.backend == "vllm" and cfg.teach.gpus_per_actor > 0
     return {"path": str(Path(path).resolve()) if os.path.isdir(path) else str(path),
             "weights_hash": weights_hash(path), "tokenizer_hash": tokenizer_hash(tok),
-            "vocab_size": int(getattr(mcfg, "vocab_size", len(tok))), "dtype": cfg.teacher.dtype,
+            "vocab_size": int(getattr(mcfg, "vocab_size", len(tok))),
+            "dtype": engine_dtype(cfg.teacher.dtype, path, on_gpu) if cfg.teach.backend == "vllm" else cfg.teacher.dtype,
             "max_model_len": cfg.teach.max_model_len or max_pos}
 
 
@@ -203,6 +205,11 @@ def run(cfg: JobConfig) -> dict:
         spec = actor_spec(cfg, teacher, source, same_tok, final)
         stats = run_pool(todo, spec, cfg.teach)
     seconds = time.perf_counter() - t0
+    missing = pending(cfg, rows, store.done_ids())
+    if missing.num_rows:  # parts vanished under us (another run on the same output_dir?)
+        raise UserError(f"teach: {missing.num_rows} of {rows.num_rows} rows have no targets part in {store.dir} "
+                        f"after the pool finished (first: {missing.column('id')[0].as_py()}); the folder was "
+                        "changed from outside this run. Run one teach per output_dir, then rerun to compute the rest")
     manifest = store.finalize(lineage(cfg, teacher, source, fp))
     print(f"teach: computed {stats['rows']} rows / {stats['tokens']} tokens in {seconds:.1f}s; "
           f"{manifest['rows']} rows, {manifest['bytes_per_token']:.1f} bytes/token -> {final}")
