@@ -10,6 +10,7 @@ without Ray. Multi-worker TorchTrainer runs live in tests/test_train_slow.py.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +297,19 @@ def test_resume_local_mode_continues_exactly(job, monkeypatch):
     monkeypatch.delenv("RAYDAPT_FAIL_AT_STEP")
     assert [x["step"] for x in metrics(killed)] == [1, 2, 3, 4, 5]
     assert_resumed_exactly(straight, killed, 5, 10, run(killed))
+
+
+def test_new_data_starts_over_instead_of_resuming(job, rows, tiny_model_dir):
+    """A rerun on the same data resumes at the last checkpoint; a rerun after the prepared data
+    (or the teacher targets) changed trains from step 0 instead of exporting the old model."""
+    cfg = job("data")
+    run(cfg)
+    assert run(cfg)["return_value"]["start_step"] == 6  # same data: nothing left to train
+    shutil.rmtree(layout.prepared_dir(cfg))
+    write_prepared(layout.prepared_dir(cfg), tiny_model_dir, rows[:-8])  # other rows: another manifest
+    again = run(cfg)
+    assert again["return_value"]["start_step"] == 0
+    assert [x["step"] for x in metrics(cfg)] == list(range(1, 7))
 
 
 # ----------------------------------------------------------------------------- bad input

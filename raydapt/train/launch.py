@@ -20,6 +20,7 @@ bench/chaos.py).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 from raydapt import layout
 from raydapt.config import JobConfig
 from raydapt.errors import UserError
-from raydapt.storage import hash_json, read_manifest, require_manifest
+from raydapt.storage import hash_json, read_manifest, require_manifest, write_json_atomic
 from raydapt.train import checkpoint as ckpt
 from raydapt.train.loop import FAIL_ENV, HOLD_FILE_ENV, HOLD_STEP_ENV, train_func
 from raydapt.train.modes import check_lora_targets, check_seq_len, is_classification, meta_model
@@ -265,10 +266,43 @@ def _unwrap_user_error(err: BaseException) -> None:
             seen = cause if isinstance(cause, BaseException) and cause is not seen else seen.__cause__
 
 
+INPUTS_FILE = "inputs.json"  # in the train folder: the data its checkpoints were trained on
+
+
+def _data_inputs(cfg: JobConfig) -> dict:
+    """Hashes of the manifests of the data a run trains on (prepared rows; offline targets)."""
+    out = {"prepared": hash_json(read_manifest(layout.prepared_dir(cfg)) or {})}
+    if cfg.train.mode == "distill" and cfg.train.teacher == "offline":
+        out["targets"] = hash_json(read_manifest(layout.targets_dir(cfg)) or {})
+    return out
+
+
+def start_over_on_new_data(cfg: JobConfig) -> None:
+    """Checkpoints of a run on other data are not resumed.
+
+    The checkpoint fingerprint covers the model and mode only, since a resume may change lr or
+    max_steps. Without this check a train stage rerun because `raydapt teach` rewrote the
+    targets restored the old run's last step and exported the old model unchanged.
+    """
+    tdir = layout.train_dir(cfg).resolve()
+    record, now = tdir / INPUTS_FILE, _data_inputs(cfg)
+    if cfg.train.resume and record.is_file() and json.loads(record.read_text()) != now:
+        stale = [p for p in (tdir / cfg.name, tdir / "checkpoints") if p.exists()]
+        if stale:
+            print(f"train: the prepared data or teacher targets changed since the checkpoints in {tdir} "
+                  "were written; starting over", flush=True)
+            for p in stale:
+                shutil.rmtree(p)
+    tdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, now)
+
+
 def run(cfg: JobConfig, run_config_kw: dict | None = None) -> dict[str, Any]:
     """Train and export; returns a summary (final metrics, export folder, steps)."""
     import ray.train
 
+    if read_manifest(layout.prepared_dir(cfg)) is not None:  # else make_plan names what is missing
+        start_over_on_new_data(cfg)
     plan, files = make_plan(cfg)
     trainer = build_trainer(cfg, plan, files, run_config_kw)
     try:
