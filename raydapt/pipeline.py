@@ -55,9 +55,20 @@ def stage_fingerprint(cfg: JobConfig, stage: str) -> str:
     return hash_json(parts)
 
 
+def _output_present(cfg: JobConfig, stage: str) -> bool:
+    """A stamp alone is not enough: the stage's output may have been deleted since."""
+    if stage == "train":
+        return read_manifest(layout.export_dir(cfg)) is not None
+    if stage == "eval":
+        return cfg.eval.endpoint != "" or (layout.eval_dir(cfg) / "student.json").is_file()
+    if stage == "tune":
+        return (layout.tune_dir(cfg) / "results.csv").is_file()
+    return True
+
+
 def _stamped(cfg: JobConfig, stage: str) -> bool:
     p = _stamp_path(cfg, stage)
-    if not p.is_file():
+    if not p.is_file() or not _output_present(cfg, stage):
         return False
     import json
 

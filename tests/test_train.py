@@ -312,6 +312,20 @@ def test_new_data_starts_over_instead_of_resuming(job, rows, tiny_model_dir):
     assert [x["step"] for x in metrics(cfg)] == list(range(1, 7))
 
 
+def test_pipeline_skips_train_only_while_its_export_exists(job):
+    """`raydapt run` skips an up-to-date train stage, but not once its export was deleted."""
+    import dataclasses
+
+    from raydapt import pipeline
+
+    cfg = dataclasses.replace(job("pipe"), stages=["train"])
+    status = lambda: [s["status"] for s in pipeline.run(cfg)["stages"]]  # noqa: E731
+    assert status() == ["ran"]
+    assert status() == ["skipped (up to date)"]
+    shutil.rmtree(layout.export_dir(cfg))
+    assert status() == ["ran"] and (layout.export_dir(cfg) / "config.json").is_file()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
