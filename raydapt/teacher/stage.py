@@ -74,7 +74,7 @@ def _teacher_info(cfg: JobConfig) -> dict:
     if cfg.teach.max_model_len > max_pos:
         raise UserError(f"teach.max_model_len={cfg.teach.max_model_len} exceeds the teacher's max_position_embeddings "
                         f"({max_pos}, {path}); lower it or set 0 to use the model's")
-    on_gpu = cfg.teach.backend == "vllm" and cfg.teach.gpus_per_actor > 0
+    on_gpu = cfg.teach.gpus_per_actor > 0
     return {"path": str(Path(path).resolve()) if os.path.isdir(path) else str(path),
             "weights_hash": weights_hash(path), "tokenizer_hash": tokenizer_hash(tok),
             "vocab_size": int(getattr(mcfg, "vocab_size", len(tok))),

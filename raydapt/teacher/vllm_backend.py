@@ -12,9 +12,10 @@ and skips decoding every top-k token to text, which is most of the per-token ove
 On CPU the engine runs inside the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which
 also keeps the single worker in that process). By default vLLM starts an engine-core process
 and then a worker process, each importing torch and vLLM again: on 2 cores that was 47 s of
-a 53 s engine start, against 19 s in-process, with identical scores and the same throughput
-(the worker computes while the caller waits in both cases). Set the variable to 1 to get
-vLLM's default. With the default, only a script that builds the engine itself needs the
+a 53 s engine start, against 19 s in-process, with identical scores. Scoring is somewhat
+slower in-process (6.0 s against 4.7 s for 256 rows in a Ray actor: the engine-core process
+had overlapped the model with the caller's logprob conversion), so a pool scoring millions of
+rows should set the variable to 1, which gives vLLM's default. With the default, only a script that builds the engine itself needs the
 `if __name__ == "__main__"` guard; inside a Ray actor the subprocesses start fine (PLATFORM.md).
 """
 

@@ -71,10 +71,16 @@ def _train_source(cfg: JobConfig, tok_hash: str) -> tuple[list[str], dict]:
     return _split_files(layout.prepared_dir(cfg), "train"), {}
 
 
+def _checkpoint_dirs(cfg: JobConfig) -> tuple[Path, Path]:
+    """Where a run's checkpoints live: Ray Train's run folder, and local mode's folder."""
+    tdir = layout.train_dir(cfg).resolve()
+    return tdir / cfg.name, tdir / "checkpoints"
+
+
 def _check_checkpoints(cfg: JobConfig, fp: str, local_mode: bool) -> None:
     """Start over (resume=false) or make sure the latest checkpoint fits this run."""
     tdir = layout.train_dir(cfg).resolve()
-    run_dir, local_dir = tdir / cfg.name, tdir / "checkpoints"
+    run_dir, local_dir = _checkpoint_dirs(cfg)
     if not cfg.train.resume:
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(local_dir, ignore_errors=True)
@@ -284,10 +290,12 @@ def start_over_on_new_data(cfg: JobConfig) -> None:
     max_steps. Without this check a train stage rerun because `raydapt teach` rewrote the
     targets restored the old run's last step and exported the old model unchanged.
     """
+    if read_manifest(layout.prepared_dir(cfg)) is None:
+        return  # make_plan then names what is missing
     tdir = layout.train_dir(cfg).resolve()
     record, now = tdir / INPUTS_FILE, _data_inputs(cfg)
     if cfg.train.resume and record.is_file() and json.loads(record.read_text()) != now:
-        stale = [p for p in (tdir / cfg.name, tdir / "checkpoints") if p.exists()]
+        stale = [p for p in _checkpoint_dirs(cfg) if p.exists()]
         if stale:
             print(f"train: the prepared data or teacher targets changed since the checkpoints in {tdir} "
                   "were written; starting over", flush=True)
@@ -301,8 +309,7 @@ def run(cfg: JobConfig, run_config_kw: dict | None = None) -> dict[str, Any]:
     """Train and export; returns a summary (final metrics, export folder, steps)."""
     import ray.train
 
-    if read_manifest(layout.prepared_dir(cfg)) is not None:  # else make_plan names what is missing
-        start_over_on_new_data(cfg)
+    start_over_on_new_data(cfg)
     plan, files = make_plan(cfg)
     trainer = build_trainer(cfg, plan, files, run_config_kw)
     try:
