@@ -15,7 +15,6 @@ and the fix), 1 internal failure. Also runs as `python -m raydapt ...`, which is
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -23,29 +22,10 @@ import sys
 import traceback
 from pathlib import Path
 
+from raydapt import stage as stages
 from raydapt.errors import UserError
 
-STAGE_HELP = {
-    "prepare": "Ray Data: read, validate, dedupe, tokenize, pack and split the corpus.",
-    "teach": "Teacher actor pool (vLLM): generations and/or top-k logprobs as targets.",
-    "train": "Ray Train + FSDP2: full, lora, transfer or distill training; exports HF format.",
-    "tune": "Ray Tune: sweep train.* hyperparameters over the same prepared data and targets.",
-    "eval": "Held-out loss, perplexity and exact-match on a model folder or endpoint.",
-    "serve": "Ray Serve: OpenAI-compatible HTTP API on vLLM, with multi-LoRA.",
-    "run": "Chain the job's `stages`, skipping those that are up to date.",
-}
-
-# stage -> "module:function"; each function takes a JobConfig.
-ENTRY = {
-    "prepare": "raydapt.corpus:run",
-    "teach": "raydapt.teacher:run",
-    "train": "raydapt.train.launch:run",
-    "tune": "raydapt.tune:run",
-    "eval": "raydapt.evaluate:run",
-    "serve": "raydapt.serve:run",
-    "run": "raydapt.pipeline:run",
-    "demo": "raydapt.pipeline:demo",
-}
+RUN_HELP = "Chain the job's `stages`, skipping those that are up to date."
 
 OVERRIDES_HELP = "overrides as section.key=value, e.g. train.lr=3e-4 train.mode=lora"
 
@@ -59,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, help_ in STAGE_HELP.items():
+    for name, help_ in [(s.name, s.help) for s in stages.STAGES] + [("run", RUN_HELP)]:
         p = sub.add_parser(name, help=help_, description=help_)
         target = "JOB|MODEL_DIR" if name == "serve" else "JOB"
         p.add_argument("job", metavar=target, help="job YAML file (see jobs/)" + (" or a model folder" if name == "serve" else ""))
@@ -89,17 +69,6 @@ def _load(args: argparse.Namespace):
     if getattr(args, "command", None) == "serve" and os.path.isdir(args.job):
         return load_job(None, [f"serve.model={os.path.abspath(args.job)}", *args.overrides])
     return load_job(args.job, args.overrides)
-
-
-def _entry(stage: str):
-    module, fn = ENTRY[stage].split(":")
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith(module.split(".")[0]) and module.startswith(e.name):
-            raise UserError(f"`raydapt {stage}` is not built yet in this version") from None
-        raise
-    return getattr(mod, fn)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,14 +117,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _run_stage(args.command, cfg, args.address, block=not getattr(args, "no_block", False))
 
 
-def _run_stage(stage: str, cfg, address: str | None, block: bool = True) -> int:
-    fn = _entry(stage)  # fails fast, before a cluster starts, if the stage is missing
+def _run_stage(command: str, cfg, address: str | None, block: bool = True) -> int:
+    """Connect to Ray (after the config is valid), then run a stage, `run` or the demo."""
+    from raydapt import pipeline
     from raydapt.cluster import connect
 
     connect(cfg.cluster, address)
-    result = fn(cfg, block=block) if stage == "serve" else fn(cfg)
-    if isinstance(result, dict) and result.get("failed"):
-        return 1
+    if command == "demo":
+        from raydapt.demo import run_demo
+
+        run_demo(cfg)
+    elif command == "run":
+        pipeline.run(cfg, serve_block=block)
+    elif command == "serve":
+        pipeline.run_stage("serve", cfg, block=block)
+    else:
+        result = pipeline.run_stage(command, cfg)
+        if isinstance(result, dict) and result.get("failed"):
+            return 1
     return 0
 
 

@@ -18,14 +18,20 @@ Every number printed is measured here on held-out data.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from raydapt import layout
+from openai import OpenAI
+from ray import serve
+
+from raydapt import layout, report
 from raydapt.config import JobConfig
-from raydapt.pipeline import derived
+from raydapt.pipeline import derived, run_stage
 from raydapt.pipeline import run as run_stages
+from raydapt.sources import build_model
 from raydapt.storage import write_json_atomic
 
 # The teacher trains for TEACHER_STEPS x the student's steps: it must know the world clearly
@@ -35,9 +41,7 @@ TEACHER_TRAIN = {"mode": "full", "lr": 3e-3, "batch_size": 16, "warmup_steps": 2
 
 
 def _teacher(cfg: JobConfig) -> Path:
-    from raydapt.models import resolve_model
-
-    model = resolve_model(cfg, "teacher")
+    model = build_model(cfg, "teacher")
     tcfg = derived(cfg, "teacher", student={"path": str(model), "preset": ""},
                    train={**dataclasses.asdict(cfg.train), **TEACHER_TRAIN,
                           "max_steps": TEACHER_STEPS * cfg.train.max_steps,
@@ -47,8 +51,6 @@ def _teacher(cfg: JobConfig) -> Path:
 
 
 def _ask(url: str, model: str) -> str:
-    from openai import OpenAI
-
     client = OpenAI(base_url=f"{url}/v1", api_key="demo")
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "add 123 456"}],
                                        max_tokens=64, temperature=0)
@@ -56,8 +58,6 @@ def _ask(url: str, model: str) -> str:
 
 
 def run_demo(cfg: JobConfig) -> dict:
-    from raydapt import evaluate, report
-
     t0 = time.perf_counter()
     timings: dict[str, Any] = {}
 
@@ -80,7 +80,7 @@ def run_demo(cfg: JobConfig) -> dict:
     t = time.perf_counter()
     for name, c, model in (("teacher", cfg, teacher_dir), ("kd student", cfg, layout.export_dir(cfg)),
                            ("ce student", ce, layout.export_dir(ce))):
-        m = evaluate.run(c, model, name.replace(" ", "_"))
+        m = run_stage("eval", c, model_dir=model, name=name.replace(" ", "_"))
         rows.append({**m, "model": name})
     timings["eval"] = round(time.perf_counter() - t, 1)
     cols = ["model", "heldout_loss", "markov_loss", "exact_match", "params", "decode_tokens_per_s"]
@@ -114,16 +114,8 @@ def run_demo(cfg: JobConfig) -> dict:
 
 
 def _serve_and_ask(cfg: JobConfig) -> str:
-    from ray import serve
-
-    from raydapt.serve import run as serve_run
-
-    url = serve_run(cfg, block=False)
+    url = run_stage("serve", cfg, block=False)["url"]
     try:
-        name = cfg.serve.name or layout.export_dir(cfg).name
-        import json
-        import urllib.request
-
         with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as r:
             name = json.load(r)["data"][0]["id"]
         answer = _ask(url, name)

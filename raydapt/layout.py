@@ -47,3 +47,8 @@ def eval_dir(cfg: JobConfig) -> Path:
 
 def tune_dir(cfg: JobConfig) -> Path:
     return cfg.out / "tune"
+
+
+# artifact name (stage.Stage.produces / needs) -> its folder
+ARTIFACTS = {"prepared": prepared_dir, "targets": targets_dir, "export": export_dir,
+             "sweep": tune_dir, "metrics": eval_dir}

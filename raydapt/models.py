@@ -159,14 +159,14 @@ def _write_generation_config(out: Path, tok: Any) -> None:
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
-def _check_source(path: str) -> None:
+def check_source(path: str) -> None:
     """A missing local folder is a user error; anything shaped like `org/name` is a hub id."""
-    if os.path.isdir(path) or _is_hub_id(path):
+    if os.path.isdir(path) or is_hub_id(path):
         return
     raise UserError(f"model folder not found: {path} (pass an existing folder or a hub id)")
 
 
-def _is_hub_id(path: str) -> bool:
+def is_hub_id(path: str) -> bool:
     parts = path.split("/")
     return len(parts) <= 2 and all(parts) and not path.startswith((".", "/", "~"))
 
@@ -175,7 +175,7 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = str(path)
-    _check_source(path)
+    check_source(path)
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as e:
@@ -188,7 +188,7 @@ def load_model(path: str | Path, dtype: str = "float32", **kw: Any):
     from transformers import AutoModelForCausalLM
 
     path = str(path)
-    _check_source(path)
+    check_source(path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
@@ -245,40 +245,3 @@ def weights_hash(folder: str | Path) -> str:
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def resolve_model(cfg: Any, role: str) -> Path:
-    """The folder of the job's `teacher` or `student`, building it from its preset if needed.
-
-    A preset model is built once under <out>/models/<role> from the job's corpus. A student
-    built from a preset reuses the teacher's tokenizer when the teacher is also local, since
-    logit distillation needs one shared vocabulary.
-    """
-    from raydapt import layout
-    from raydapt.corpus import corpus_files_for_tokenizer
-
-    spec = getattr(cfg, role)
-    if spec.path:  # an explicit path never falls back to a preset: a typo must not go unnoticed
-        try:
-            _check_source(spec.path)
-        except UserError as e:
-            raise UserError(f"{role}.path: {e}; or clear it to build `{role}.preset`") from None
-        return Path(spec.path).absolute() if os.path.isdir(spec.path) else Path(spec.path)
-    if not spec.preset:
-        raise UserError(f"{role}.path is empty and {role}.preset is not set; give one of them")
-    out = layout.models_dir(cfg) / role
-    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
-        return out
-    tokenizer_from = None
-    if role == "student" and cfg.teacher.preset and not cfg.teacher.path:
-        tokenizer_from = resolve_model(cfg, "teacher")
-    elif role == "student" and cfg.teacher.path and os.path.isdir(cfg.teacher.path):
-        tokenizer_from = cfg.teacher.path
-    corpus = corpus_files_for_tokenizer(cfg)
-    tmp = out.with_name(out.name + ".tmp")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    init_model(spec.preset, corpus, tmp, seed=cfg.train.seed, tokenizer_from=tokenizer_from)
-    os.replace(tmp, out)
-    return out

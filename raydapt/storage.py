@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +23,8 @@ from typing import Any
 from raydapt.errors import UserError
 
 MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -122,6 +126,15 @@ def finish_manifest(folder: Path, manifest: dict) -> dict:
     return manifest
 
 
+def finish_record(path: str | os.PathLike, record: dict) -> dict:
+    """A one-file output (eval's metrics): written atomically, marked complete, like a manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {**record, "complete": True}
+    write_json_atomic(path, record)
+    return record
+
+
 def versions() -> dict:
     import sys
 
@@ -134,6 +147,78 @@ def versions() -> dict:
     return out
 
 
-def up_to_date(folder: str | os.PathLike, fingerprint: str) -> bool:
-    m = read_manifest(folder)
+def read_record(output: str | os.PathLike) -> dict | None:
+    """The complete manifest of a stage output: `<folder>/manifest.json`, or a JSON record
+    file itself (eval writes one file per model). None if absent or incomplete."""
+    path = Path(output)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("complete") is True else None
+    return read_manifest(path)
+
+
+def up_to_date(output: str | os.PathLike, fingerprint: str) -> bool:
+    """The one up-to-date rule: the output is complete and records this fingerprint."""
+    m = read_record(output)
     return m is not None and m.get("fingerprint") == fingerprint
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike) -> Iterator[Path]:
+    """Hold `<output>.lock` while a stage writes `output`; a second run gets a UserError.
+
+    The lock file names its holder (pid, host, start time). A lock left by a process that no
+    longer runs on this host is taken over, with a log line saying so; a holder on another
+    host cannot be checked from here, so its lock is only ever removed by hand.
+    """
+    path = Path(f"{Path(output)}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_json(path)
+            if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", 0) or 0)):
+                log.warning("taking over the lock %s of pid %s (started %s), which no longer runs",
+                            path, holder.get("pid"), holder.get("started"))
+                path.unlink(missing_ok=True)
+                continue
+            raise UserError(
+                f"{output} is being written by another run (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, started {holder.get('started')}); wait for it, or, if that "
+                f"run is gone, delete {path}"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield path
+    finally:
+        if _read_json(path).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -232,7 +232,7 @@ def test_transfer_classification_head(job):
 
 
 def test_distill_offline_with_reference_targets(job, teacher_dir, rows):
-    from raydapt.train.reference import score_topk
+    from raydapt.teach.reference import score_topk
 
     cfg = job(mode="distill", teacher="offline", kd_alpha=0.5, kd_k=8, max_steps=6, lr=3e-3)
     table = pa.table({"id": [r[0] for r in rows[32:]], "input_ids": [r[1] for r in rows[32:]],
@@ -348,7 +348,7 @@ def test_missing_prepared_and_targets(tmp_path, tiny_model_dir, job):
 
 def test_targets_incompatible(job, teacher_dir, rows):
     from raydapt.train.launch import make_plan
-    from raydapt.train.reference import score_topk
+    from raydapt.teach.reference import score_topk
 
     cfg = job(mode="distill", teacher="offline", kd_k=4)
     table = pa.table({"id": [r[0] for r in rows[:8]], "input_ids": [r[1] for r in rows[:8]],

@@ -46,13 +46,13 @@ def _trial_files(tune_dir: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, ray_session):
-    import raydapt.corpus
+    import raydapt.prepare.stage
     import raydapt.tune
 
     ray_session()
     out = tmp_path_factory.mktemp("tune")
     cfg = job_from_dict(_job(out))
-    raydapt.corpus.run(cfg)
+    raydapt.prepare.stage.run(cfg)
     before = _snapshot(out, "tune")
     os.environ[raydapt.tune.FAIL_ENV] = "0:4"
     try:
@@ -167,7 +167,7 @@ def test_pbt_refuses_shape_keys_clearly(tmp_path):
 def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
     """Real PBT: the weak trial (lr 1e-6) must continue from the strong trial's checkpoint,
     with a mutated lr that the loop really trains with (not the checkpoint's old schedule)."""
-    import raydapt.corpus
+    import raydapt.prepare.stage
     import raydapt.tune
     from raydapt.train.loop import lr_factor
 
@@ -177,7 +177,7 @@ def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
     job = {**_job(tmp_path, search="grid", scheduler="pbt", num_samples=1,
                   space={"train.lr": {"grid": [1e-2, 1e-6]}}), "train": train}
     cfg = job_from_dict(job)
-    raydapt.corpus.run(cfg)
+    raydapt.prepare.stage.run(cfg)
     s = raydapt.tune.run(cfg)
     tdir = layout.tune_dir(cfg) / "trials"
     starts = {p.parent.name: [json.loads(x) for x in p.read_text().splitlines()] for p in tdir.glob("*/starts.jsonl")}
@@ -188,7 +188,7 @@ def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
     assert exploits, f"PBT never exploited: {starts}"
     last = exploits[-1]  # metrics.jsonl past a restore point is rewritten by that restart
     restored = json.loads((Path(last["checkpoint"]) / "meta.json").read_text())["step"]
-    assert restored < 8, f"PBT perturbed at the final step (raydapt.tune_pbt.FinalStepPBT): {starts}"
+    assert restored < 8, f"PBT perturbed at the final step (raydapt.tune.pbt.FinalStepPBT): {starts}"
     metrics = {m["step"]: m for m in map(json.loads, (tdir / weak / "metrics.jsonl").read_text().splitlines())}
     # the first step after the restore trains with the trial's lr on the schedule, whatever
     # PBT chose (the checkpoint's own scheduler state would give the strong trial's lr)
@@ -202,7 +202,7 @@ def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
 def test_space_forms():
     from ray import tune
 
-    from raydapt.tune_space import tune_space
+    from raydapt.tune.space import tune_space
 
     cfg = job_from_dict(_job("/tmp/x", search="random", space={
         "train.lr": {"loguniform": [1e-4, 1e-2]}, "train.weight_decay": {"uniform": [0.0, 0.1]},
@@ -223,7 +223,7 @@ def test_space_forms():
 @pytest.mark.slow
 def test_optuna_tpe_sweep(tmp_path, ray_session):
     """A real Optuna TPE sweep: log-step reports lack val_loss, and must not break the searcher."""
-    import raydapt.corpus
+    import raydapt.prepare.stage
     import raydapt.tune
 
     ray_session()
@@ -231,7 +231,7 @@ def test_optuna_tpe_sweep(tmp_path, ray_session):
     job = {**_job(tmp_path, search="optuna", scheduler="fifo", num_samples=2,
                   space={"train.lr": {"loguniform": [1e-3, 1e-2]}}), "train": train}
     cfg = job_from_dict(job)
-    raydapt.corpus.run(cfg)
+    raydapt.prepare.stage.run(cfg)
     s = raydapt.tune.run(cfg)
     rows = s["rows"]
     assert not s["failed"] and len(rows) == 2, rows

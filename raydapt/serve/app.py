@@ -13,6 +13,7 @@ Built by `raydapt.serve.build_app`; run with `raydapt serve JOB`.
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import time
 import uuid
@@ -29,10 +30,15 @@ from prometheus_client import (
     generate_latest,
 )
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
+from raydapt.config import JobConfig, load_job
+from raydapt.errors import UserError
+from raydapt.models import load_tokenizer
 from raydapt.serve import protocol as P
 from raydapt.serve.auth import authorized
 from raydapt.serve.lora import AdapterLoader
+from raydapt.serve.spec import ReplicaSpec, replica_env, build_spec
 
 log = logging.getLogger(__name__)
 
@@ -138,26 +144,24 @@ class OpenAIServer:
     middleware.
     """
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: ReplicaSpec):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from raydapt.models import load_tokenizer
-
         global _KEY_DIGESTS
-        _KEY_DIGESTS = list(spec["key_digests"])
+        _KEY_DIGESTS = list(spec.key_digests)
         self.spec = spec
-        self.name = spec["name"]
+        self.name = spec.name
         # OPENAI_API_SERVER: the batch defaults (max_num_seqs, batched tokens) of `vllm serve`
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**spec["engine"]),
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**spec.engine),
                                                 usage_context=UsageContext.OPENAI_API_SERVER)
-        self.tok = load_tokenizer(spec["model_dir"])
+        self.tok = load_tokenizer(spec.model_dir)
         self.max_len = self.engine.model_config.max_model_len
-        self.max_n = spec["max_n"]
-        loader = AdapterLoader(self.engine, spec["adapters"])
+        self.max_n = spec.max_n
+        loader = AdapterLoader(self.engine, spec.adapters)
 
-        @serve.multiplexed(max_num_models_per_replica=max(1, spec["max_loras"]))
+        @serve.multiplexed(max_num_models_per_replica=max(1, spec.max_loras))
         async def load_adapter(model_id: str) -> Any:
             return await loader.load(model_id)
 
@@ -175,12 +179,12 @@ class OpenAIServer:
     # ------------------------------------------------------------------ helpers
 
     def served(self) -> list[str]:
-        return [self.name, *sorted(self.spec["adapters"])]
+        return [self.name, *sorted(self.spec.adapters)]
 
     async def _lora(self, model: str) -> Any:
         if model == self.name:
             return None
-        if model in self.spec["adapters"]:
+        if model in self.spec.adapters:
             return await self._load_adapter(model)
         served = self.served()
         raise P.APIError(404, f"model {model!r} not found; served models: {', '.join(served)}",
@@ -247,7 +251,7 @@ class OpenAIServer:
     @api.get("/v1/models")
     async def models(self) -> dict:
         cards = [P.ModelCard(id=self.name).model_dump()]
-        cards += [P.ModelCard(id=a, parent=self.name).model_dump() for a in sorted(self.spec["adapters"])]
+        cards += [P.ModelCard(id=a, parent=self.name).model_dump() for a in sorted(self.spec.adapters)]
         return {"object": "list", "data": cards}
 
     @api.post("/v1/completions")
@@ -396,22 +400,37 @@ class OpenAIServer:
 Server = serve.ingress(api)(OpenAIServer)
 
 
+def build_app(cfg: JobConfig, spec: ReplicaSpec) -> Any:
+    """The Serve application (bound deployment) of a checked replica spec."""
+    s = cfg.serve
+    deployment = serve.deployment(Server).options(
+        name="OpenAIServer",
+        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                            "initial_replicas": s.min_replicas,
+                            "target_ongoing_requests": s.target_ongoing_requests},
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
+                           "runtime_env": {"env_vars": replica_env(cfg)}},
+        health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
+        # the proxy already logs method, path, status and latency of every request; a second
+        # line per request from the replica costs CPU that generation needs on small machines
+        logging_config={"enable_access_log": False},
+    )
+    return deployment.bind(spec)
+
+
 def build_from_env(args: dict[str, str] | None = None) -> Any:
     """Serve application builder for `serveConfigV2` (KubeRay RayService, `serve deploy`).
 
     The model folder comes from `args["model"]` or the RAYDAPT_SERVE_MODEL env var; other
     `serve.*` settings come from `args` as `key: value` pairs, e.g. `{"max_replicas": "4"}`.
     """
-    import os
-
-    from raydapt.config import load_job
-    from raydapt.errors import UserError
-    from raydapt.serve import build_app
-
     args = dict(args or {})
     model = args.pop("model", None) or os.environ.get("RAYDAPT_SERVE_MODEL")
     if not model:
         raise UserError("build_from_env: set RAYDAPT_SERVE_MODEL (or the application arg "
                         "`model`) to the HF model folder to serve")
     cfg = load_job(None, [f"serve.{k}={v}" for k, v in args.items()])
-    return build_app(cfg, model)
+    return build_app(cfg, build_spec(cfg, model))

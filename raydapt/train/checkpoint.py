@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from raydapt.errors import UserError
 from raydapt.storage import atomic_dir, finish_manifest, read_manifest
 from raydapt.train.fsdp import barrier, world
+from raydapt.train.modes import apply_lora, is_classification, load_student
 
 META = "meta.json"
 
@@ -154,8 +155,6 @@ def export(model: nn.Module, tc: Any, student_path: str, out: Path, manifest: di
 
 def _write_export(sd: dict, tc: Any, student_path: str, tmp: Path) -> list[str]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from raydapt.train.modes import apply_lora, is_classification, load_student
 
     tok = AutoTokenizer.from_pretrained(student_path)
     if tc.mode == "lora":

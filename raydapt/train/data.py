@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
+from raydapt.rows import collate  # noqa: F401 - the loop collates through this module
 
 
 def load_rows(batches: Iterable[pa.Table], columns: list[str]) -> pa.Table:
@@ -63,62 +63,6 @@ def micro_batch_rows(n: int, seed: int, g: int, global_size: int, rank: int, siz
             perm = epoch_perm(n, seed, epoch)
         out[j] = perm[off]
     return out
-
-
-def _list_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, offsets) of a list column."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    offsets = arr.offsets.to_numpy()
-    values = arr.values.to_numpy(zero_copy_only=False)
-    return values, offsets
-
-
-def collate(table: pa.Table, rows: np.ndarray, pad_id: int, valid: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-    """Rows of `table` -> right-padded tensors, padded to the longest row of the batch.
-
-    input_ids (B, T) int64, loss_mask (B, T) float32 (0 on padding and on rows where
-    `valid` is False), label (B,) int64 when present, topk_ids (B, T, k) int64 and
-    topk_logprobs (B, T, k) float32 (padding: all mass on slot 0) when present.
-    """
-    sub = table.take(pa.array(rows, pa.int64()))
-    ids, off = _list_values(sub.column("input_ids"))
-    mask, moff = _list_values(sub.column("loss_mask"))
-    lens = np.diff(off)
-    b, t = len(rows), max(int(lens.max()), 2)
-    out_ids = np.full((b, t), pad_id, np.int64)
-    out_mask = np.zeros((b, t), np.float32)
-    for i in range(b):
-        out_ids[i, : lens[i]] = ids[off[i] : off[i + 1]]
-        out_mask[i, : lens[i] - 1] = mask[moff[i] : moff[i + 1] - 1]  # a row's last token predicts nothing
-    if valid is not None:
-        out_mask[~valid] = 0.0
-    batch = {"input_ids": torch.from_numpy(out_ids), "loss_mask": torch.from_numpy(out_mask)}
-    if "label" in sub.column_names:
-        labels = sub.column("label").to_numpy().astype(np.int64)
-        if valid is not None:
-            labels[~valid] = -1
-        batch["label"] = torch.from_numpy(labels)
-    if "topk_ids" in sub.column_names:
-        batch.update(_collate_topk(sub, lens, t))
-    return batch
-
-
-def _collate_topk(sub: pa.Table, lens: np.ndarray, t: int) -> dict[str, torch.Tensor]:
-    col_ids = sub.column("topk_ids").combine_chunks()
-    col_lp = sub.column("topk_logprobs").combine_chunks()
-    k = col_ids.type.value_type.list_size
-    flat_ids = col_ids.values.values.to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, k)
-    flat_lp = col_lp.values.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k)
-    off = col_ids.offsets.to_numpy()
-    b = len(lens)
-    out_ids = np.zeros((b, t, k), np.int64)
-    out_lp = np.full((b, t, k), -np.inf, np.float32)
-    out_lp[:, :, 0] = 0.0
-    for i in range(b):
-        n = off[i + 1] - off[i]
-        out_ids[i, :n] = flat_ids[off[i] : off[i + 1]]
-        out_lp[i, :n] = flat_lp[off[i] : off[i + 1]]
-    return {"topk_ids": torch.from_numpy(out_ids), "topk_logprobs": torch.from_numpy(out_lp)}
 
 
 def val_batches(n: int, global_size: int, rank: int, size: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:

@@ -1,6 +1,6 @@
 """FSDP2 wrapping and the small distributed helpers the train loop needs.
 
-`ray.train.torch.prepare_model(parallel_strategy="fsdp")` raises without CUDA (PLATFORM.md),
+`ray.train.torch.prepare_model(parallel_strategy="fsdp")` raises without CUDA,
 so raydapt calls `torch.distributed.fsdp.fully_shard` itself: once per decoder block, then
 on the root, the layout torchtune and torchtitan use. On CPU the process group is gloo and
 parameters stay fp32; on GPU it is nccl and compute runs in bf16 with fp32 gradient

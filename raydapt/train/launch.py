@@ -40,7 +40,7 @@ BASE_COLUMNS = ["id", "input_ids", "loss_mask"]
 
 
 def _split_files(prepared: Path, split: str) -> list[str]:
-    from raydapt.corpus import split_files
+    from raydapt.prepare.stage import split_files
 
     return split_files(prepared, split)
 

@@ -2,7 +2,7 @@
 
 Why: the train loop mixes a next-token cross-entropy with a knowledge-distillation (KD) term
 computed either from a live teacher (full vocabulary) or from stored teacher top-k log-probs
-(DESIGN.md "Targets dataset"). Everything here is a plain function of tensors so it can be
+(the targets dataset, raydapt.targets). Everything here is a plain function of tensors so it can be
 tested against dense references (tests/test_losses.py) and benchmarked (bench/kd_memory.py).
 
 Conventions shared by every function:
@@ -53,6 +53,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from raydapt.rows import next_token_targets
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
@@ -223,15 +225,6 @@ def _count(mask: Tensor) -> Tensor:
     return (mask > 0).sum(dim=(-2, -1)).clamp_min(1)
 
 
-def _ce_targets(input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token targets (B, T) int64 and the CE mask (B, T) with the last position off."""
-    targets = torch.zeros_like(input_ids, dtype=torch.long)
-    targets[:, :-1] = input_ids[:, 1:]
-    mask = loss_mask.clone()
-    mask[:, -1] = 0
-    return targets, mask
-
-
 def _ce_per_pos(logits: Tensor, targets: Tensor) -> Tensor:
     """logits (B, c, V), targets (B, c) int64 -> per-position CE (B, c)."""
     logits = _compute_dtype(logits)
@@ -250,7 +243,7 @@ def ce_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
     logits (B, T, V); input_ids (B, T) int; loss_mask (B, T) aligned with logits.
     Returns a scalar: mean over masked positions t < T - 1 of -log softmax(logits[t])[ids[t+1]].
     """
-    targets, mask = _ce_targets(input_ids, loss_mask)
+    targets, mask = next_token_targets(input_ids, loss_mask)
     return _masked_sum(_ce_per_pos, mask, logits, targets) / _count(mask)
 
 
@@ -261,7 +254,7 @@ def chunked_ce_from_hidden(
 
     hidden (B, T, H); head_weight (V, H); input_ids (B, T); loss_mask (B, T). Returns a scalar.
     """
-    targets, mask = _ce_targets(input_ids, loss_mask)
+    targets, mask = next_token_targets(input_ids, loss_mask)
 
     def fn(h: Tensor, tgt: Tensor, w: Tensor) -> Tensor:
         return _ce_per_pos(h @ w.T, tgt)  # (B, c)
@@ -418,7 +411,7 @@ def chunked_distill_from_hidden(
     of ``hidden @ head_weight.T``, without the (B, T, V) logits.
     """
     _check_kd_args(kind, temperature, beta)
-    targets, ce_mask = _ce_targets(input_ids, loss_mask)
+    targets, ce_mask = next_token_targets(input_ids, loss_mask)
     masks = torch.stack([loss_mask.to(ce_mask.dtype), ce_mask])  # (2, B, T)
 
     def fn(h: Tensor, tgt: Tensor, ids: Tensor, lp: Tensor, w: Tensor) -> Tensor:

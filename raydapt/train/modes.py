@@ -2,7 +2,7 @@
 
 Everything here runs on one worker before FSDP wraps the model, and the checks that need
 only the model's config (`check_lora_targets`, `check_seq_len`) also run in the driver
-before any worker starts (`launch.validate`), on a meta-device copy that costs no memory.
+before any worker starts (`raydapt.train.plan`), on a meta-device copy that costs no memory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from raydapt.config import TrainConfig
 from raydapt.errors import UserError
+from raydapt.train.fsdp import decoder_blocks
 
 
 def is_classification(tc: TrainConfig) -> bool:
@@ -87,8 +88,6 @@ def apply_lora(model: nn.Module, tc: TrainConfig) -> nn.Module:
 
 def freeze_for_transfer(model: nn.Module, tc: TrainConfig) -> list[str]:
     """Freeze embeddings, the first K blocks and `freeze_regex` matches. Returns frozen names."""
-    from raydapt.train.fsdp import decoder_blocks
-
     frozen: set[int] = set()
     if tc.freeze_embeddings:
         frozen |= {id(p) for p in model.get_input_embeddings().parameters()}

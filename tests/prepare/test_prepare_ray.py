@@ -2,12 +2,12 @@
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydapt import corpus
+from raydapt.pipeline import run_stage
+from raydapt.prepare import split_files
 from raydapt.config import job_from_dict
 from raydapt.errors import UserError
 from raydapt.storage import read_manifest
@@ -23,21 +23,8 @@ def make_cfg(tmp_path, model_dir, paths, **prepare):
 
 
 def read_split(out, split):
-    files = corpus.split_files(out / "prepared", split)
+    files = split_files(out / "prepared", split)
     return pa.concat_tables([pq.read_table(f) for f in files])
-
-
-def test_pack_hand_computed():
-    docs = [(np.array([1, 2, 3]), np.array([0, 1, 1])),
-            (np.array([4, 5]), np.array([0, 1])),
-            (np.array([6, 7, 8, 9]), np.array([0, 0, 1, 1]))]
-    rows = corpus.pack(docs, seq_len=5)
-    assert [r[2] for r in rows] == [[0, 1], [2]]
-    ids, mask, _ = rows[0]
-    assert ids.tolist() == [1, 2, 3, 4, 5]
-    # mask[t] = target[t+1]: predicting 2, 3 and 5 counts; 3->4 crosses documents and does not
-    assert mask.tolist() == [1, 1, 0, 1, 0]
-    assert rows[1][1].tolist() == [0, 1, 1, 0]
 
 
 def test_jsonl_rows_and_every_drop_reason(tmp_path, tiny_model_dir, ray_cluster):
@@ -54,7 +41,7 @@ def test_jsonl_rows_and_every_drop_reason(tmp_path, tiny_model_dir, ray_cluster)
     lines += [json.dumps(good[0]), json.dumps(good[40])]                                   # 2 duplicates
     f.write_text("\n".join(lines) + "\n")
     cfg = make_cfg(tmp_path, tiny_model_dir, [f], max_chars=1000)
-    m = corpus.run(cfg)
+    m = run_stage("prepare", cfg)
     assert m["dropped"] == {"malformed": 3, "empty": 2, "too_long_chars": 1, "too_long_tokens": 1, "duplicate": 2}
     assert m["documents"] == 70
     assert any("broken" in ex for ex in m["drop_examples"]["malformed"])
@@ -69,7 +56,7 @@ def test_jsonl_rows_and_every_drop_reason(tmp_path, tiny_model_dir, ray_cluster)
     from raydapt.models import load_tokenizer
     tok = load_tokenizer(tiny_model_dir)
     nopack = make_cfg(tmp_path / "np", tiny_model_dir, [f], max_chars=1000, pack=False)
-    corpus.run(nopack)
+    run_stage("prepare", nopack)
     rows = read_split(nopack.out, "train").to_pylist() + read_split(nopack.out, "validation").to_pylist()
     for r in rows:
         text = tok.decode(r["input_ids"])
@@ -82,7 +69,7 @@ def test_jsonl_rows_and_every_drop_reason(tmp_path, tiny_model_dir, ray_cluster)
 
     # rerun: up to date, nothing rewritten
     before = (cfg.out / "prepared" / "manifest.json").stat().st_mtime_ns
-    again = corpus.run(cfg)
+    again = run_stage("prepare", cfg)
     assert again.get("skipped") is True
     assert (cfg.out / "prepared" / "manifest.json").stat().st_mtime_ns == before
 
@@ -91,21 +78,14 @@ def test_parquet_and_txt_inputs(tmp_path, tiny_model_dir, ray_cluster):
     pq.write_table(pa.table({"prompt": [f"sort {i} 2" for i in range(20)],
                              "response": [f"#### {i}" for i in range(20)]}), tmp_path / "a.parquet")
     cfg = make_cfg(tmp_path / "p", tiny_model_dir, [tmp_path / "*.parquet"])
-    m = corpus.run(cfg)
+    m = run_stage("prepare", cfg)
     assert m["documents"] == 20 and m["format"] == "parquet"
     assert m["source_files"][0]["size"] > 0 and m["source_files"][0]["mtime"] > 0
 
     (tmp_path / "t.txt").write_text("first line\n\nsecond line\nthird line\n")
     cfg = make_cfg(tmp_path / "t", tiny_model_dir, [tmp_path / "t.txt"], val_fraction=0.0)
-    m = corpus.run(cfg)
+    m = run_stage("prepare", cfg)
     assert m["documents"] == 3 and m["dropped"]["empty"] == 1
-
-
-def test_split_is_deterministic_by_content():
-    hashes = [f"{i:08x}" + "0" * 12 for i in range(0, 2**32, 2**22)]
-    a = [corpus.split_of(h, 0.1) for h in hashes]
-    assert a == [corpus.split_of(h, 0.1) for h in hashes]
-    assert 0 < a.count("validation") < len(a)
 
 
 def test_zero_usable_rows_is_a_user_error(tmp_path, tiny_model_dir, ray_cluster):
@@ -113,17 +93,17 @@ def test_zero_usable_rows_is_a_user_error(tmp_path, tiny_model_dir, ray_cluster)
     f.write_text('{"nope": 1}\nnot json\n')
     cfg = make_cfg(tmp_path, tiny_model_dir, [f])
     with pytest.raises(UserError, match="zero usable rows"):
-        corpus.run(cfg)
+        run_stage("prepare", cfg)
     assert read_manifest(cfg.out / "prepared") is None
     assert not list(cfg.out.glob("prepared.tmp-*"))  # nothing half-written left behind
 
 
 def test_missing_file_unreadable_shard_and_vocab_mismatch(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match="file not found"):
-        corpus.run(make_cfg(tmp_path, tiny_model_dir, [tmp_path / "absent.jsonl"]))
+        run_stage("prepare", make_cfg(tmp_path, tiny_model_dir, [tmp_path / "absent.jsonl"]))
     (tmp_path / "x.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(UserError, match="unreadable parquet shard .*x.parquet"):
-        corpus.run(make_cfg(tmp_path, tiny_model_dir, [tmp_path / "x.parquet"]))
+        run_stage("prepare", make_cfg(tmp_path, tiny_model_dir, [tmp_path / "x.parquet"]))
     # a model whose embedding is smaller than its tokenizer
     import shutil
     small = tmp_path / "small"
@@ -133,7 +113,7 @@ def test_missing_file_unreadable_shard_and_vocab_mismatch(tmp_path, tiny_model_d
     (small / "config.json").write_text(json.dumps(cfgj))
     (tmp_path / "ok.jsonl").write_text('{"text": "hi"}\n')
     with pytest.raises(UserError, match="tokenizer has .* tokens but the model's embedding has 100 rows"):
-        corpus.run(make_cfg(tmp_path, small, [tmp_path / "ok.jsonl"]))
+        run_stage("prepare", make_cfg(tmp_path, small, [tmp_path / "ok.jsonl"]))
 
 
 def test_leftover_tmp_folder_is_ignored(tmp_path, tiny_model_dir, ray_cluster):
@@ -144,6 +124,6 @@ def test_leftover_tmp_folder_is_ignored(tmp_path, tiny_model_dir, ray_cluster):
     (stale / "train").mkdir(parents=True)
     (stale / "manifest.json").write_text('{"complete": false}')
     assert read_manifest(stale) is None
-    m = corpus.run(cfg)
+    m = run_stage("prepare", cfg)
     assert m["documents"] == 20 and not stale.exists()
     assert read_manifest(cfg.out / "prepared")["complete"] is True

@@ -18,7 +18,7 @@ bottom quantile continues from a top trial's checkpoint with a mutated copy of i
 values (the `tune.space` entries are the mutations; `grid` lists become choices). Only
 values that can change in the middle of a run may be searched: lr, weight decay, KD
 temperature and weights, and the like; keys that change the model's shape or the data order
-(lora_r, mode, batch_size, ...) are refused. See raydapt.tune_pbt for how checkpoints move.
+(lora_r, mode, batch_size, ...) are refused. See raydapt.tune.pbt for how checkpoints move.
 By default PBT is synchronous (`tune.pbt_synch`): each trial pauses at a perturbation step
 until every trial has reached it, so trials are ranked on scores from the same step. On a
 shared machine trials start seconds apart and train at different speeds; asynchronous PBT
@@ -151,7 +151,7 @@ def make_scheduler(cfg: JobConfig) -> Any:
         for dotted, spec in tc.space.items():
             (form, args), = spec.items()
             mutations[dotted.split(".", 1)[1]] = _domain("choice" if form == "grid" else form, args, exhaustive=False)
-        from raydapt.tune_pbt import FinalStepPBT
+        from raydapt.tune.pbt import FinalStepPBT
 
         return FinalStepPBT(
             final_step=cfg.train.max_steps,
@@ -165,11 +165,11 @@ def make_scheduler(cfg: JobConfig) -> Any:
 
 
 def make_search(cfg: JobConfig) -> Any:
-    """None (Tune's random/grid variant generator) or Optuna TPE (raydapt.tune_optuna)."""
+    """None (Tune's random/grid variant generator) or Optuna TPE (raydapt.tune.optuna)."""
     if cfg.tune.search != "optuna":
         return None
     try:
-        from raydapt.tune_optuna import MetricReportsOptunaSearch
+        from raydapt.tune.optuna import MetricReportsOptunaSearch
     except ImportError as e:
         raise UserError(f"tune.search: optuna needs the `optuna` package ({e}); "
                         "install raydapt[tune] or use tune.search=random") from None

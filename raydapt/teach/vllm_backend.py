@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from raydapt.teacher.convert import dense_from_flat, pad_row
+from raydapt.teach.convert import dense_from_flat, pad_row
+from raydapt.teach.spec import ActorSpec, Sampling
 
 Sample = tuple[list[int], str, bool]  # (response token ids, text, ended with eos)
 
@@ -36,22 +37,22 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: ActorSpec):
         from vllm import LLM
 
-        tp = spec.get("tensor_parallel_size", 1)
+        tp = spec.tensor_parallel_size
         in_process_engine(tp)
-        self.k = int(spec["k"])
+        self.k = int(spec.k)
         self.llm = LLM(
-            model=spec["model"],
-            dtype=spec["dtype"],
-            max_model_len=spec["max_model_len"],
+            model=spec.model,
+            dtype=spec.dtype,
+            max_model_len=spec.max_model_len or None,
             max_logprobs=max(self.k, 1),
-            enforce_eager=spec.get("enforce_eager", True),
+            enforce_eager=spec.enforce_eager,
             tensor_parallel_size=tp,
-            gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
-            trust_remote_code=spec.get("trust_remote_code", False),
-            seed=spec.get("seed", 0),
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            trust_remote_code=spec.trust_remote_code,
+            seed=spec.seed,
         )
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -79,7 +80,7 @@ class VLLMBackend:
             result[i] = (ids, lps)
         return result
 
-    def generate(self, prompts: list[list[int]], seeds: list[list[int]], gen: dict) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], seeds: list[list[int]], gen: Sampling) -> list[list[Sample]]:
         """len(seeds[i]) samples of prompt i, one request per sample with its own seed.
 
         vLLM derives the seeds of an n > 1 request as seed + j, so rows with nearby seeds would
@@ -94,8 +95,8 @@ class VLLMBackend:
             for seed in row_seeds:
                 reqs.append(TokensPrompt(prompt_token_ids=list(map(int, p))))
                 params.append(SamplingParams(
-                    n=1, temperature=gen["temperature"], top_p=gen["top_p"], max_tokens=gen["max_tokens"],
-                    stop=list(gen["stop"]) or None, seed=seed,
+                    n=1, temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_tokens,
+                    stop=list(gen.stop) or None, seed=seed,
                 ))
         outs = iter(self.llm.generate(reqs, params, use_tqdm=False))
         eos = self.tokenizer.eos_token_id

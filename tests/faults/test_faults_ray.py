@@ -292,8 +292,8 @@ def teach_job(nodes, tmp_path_factory, tiny_model_dir, world_dir):
 
 def held_teach_run(cfg, hold: Path) -> tuple[Background, dict]:
     """Start the teach stage; one actor parks after writing a part. Returns it and that actor."""
-    from raydapt.teacher import run
-    from raydapt.teacher.pool import HOLD_ENV
+    from raydapt.teach import run
+    from raydapt.teach.pool import HOLD_ENV
 
     os.environ[HOLD_ENV] = str(hold)
     try:

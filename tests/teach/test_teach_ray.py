@@ -26,7 +26,7 @@ from raydapt.config import job_from_dict
 from raydapt.errors import UserError
 from raydapt.storage import finish_manifest, read_manifest
 from raydapt.targets import PartStore, collate, decode_row_topk, read_targets
-from raydapt.teacher import convert
+from raydapt.teach import convert
 
 K = 8
 
@@ -96,7 +96,7 @@ def final_table(cfg) -> tuple[dict, pa.Table]:
 
 
 def hf_reference(model_dir: Path, seqs: list[np.ndarray], k: int = K):
-    from raydapt.teacher.hf_backend import HFBackend
+    from raydapt.teach.hf_backend import HFBackend
 
     return HFBackend({"model": str(model_dir), "dtype": "float32", "k": k}).score(seqs)
 
@@ -175,7 +175,7 @@ def test_response_mask_ids_and_seeds():
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory, tiny_model_dir, world_dir, ray_session):
     ray_session()
-    from raydapt.teacher import run
+    from raydapt.teach import run
 
     out = tmp_path_factory.mktemp("teach_hf")
     write_prepared(out, tiny_model_dir, world_dir)
@@ -204,7 +204,7 @@ def test_hf_pool_writes_targets_with_lineage(hf_run, tiny_model_dir):
 
 @pytest.mark.slow
 def test_rerun_is_up_to_date(hf_run, capsys):
-    from raydapt.teacher import run
+    from raydapt.teach import run
 
     cfg, _ = hf_run
     assert run(cfg)["skipped"] is True
@@ -231,8 +231,8 @@ def test_round_trip_through_the_trainer_reader(hf_run):
 def test_parts_removed_during_a_run_are_not_finalized(tiny_model_dir, world_dir, tmp_path, monkeypatch, ray_session):
     """A part deleted from outside while the pool runs (a second run on the same output_dir):
     the stage refuses to finalize a targets folder that lacks rows, and a rerun fills the gap."""
-    import raydapt.teacher.pool as pool
-    from raydapt.teacher import run
+    import raydapt.teach.pool as pool
+    from raydapt.teach import run
 
     ray_session()
     write_prepared(tmp_path, tiny_model_dir, world_dir)
@@ -254,8 +254,8 @@ def test_parts_removed_during_a_run_are_not_finalized(tiny_model_dir, world_dir,
 
 
 def test_hf_generate_is_reproducible_and_aligned(tiny_model_dir, world_dir, tmp_path):
-    from raydapt.teacher.hf_backend import HFBackend
-    from raydapt.teacher.work import generate_batch
+    from raydapt.teach.hf_backend import HFBackend
+    from raydapt.teach.work import generate_batch
 
     prepared = write_prepared(tmp_path, tiny_model_dir, world_dir, n_rows=2, n_prompts=3)
     batch = pq.read_table(prepared / "prompts")
@@ -282,8 +282,8 @@ def other_model(world_dir, tmp_path_factory):
 
 def test_generate_with_another_tokenizer_retokenizes_for_the_student(tiny_model_dir, other_model, world_dir, tmp_path):
     from raydapt.models import load_tokenizer
-    from raydapt.teacher.hf_backend import HFBackend
-    from raydapt.teacher.work import generate_batch
+    from raydapt.teach.hf_backend import HFBackend
+    from raydapt.teach.work import generate_batch
 
     prepared = write_prepared(tmp_path, tiny_model_dir, world_dir, n_rows=2, n_prompts=2)
     batch = pq.read_table(prepared / "prompts")
@@ -304,7 +304,7 @@ def test_generate_with_another_tokenizer_retokenizes_for_the_student(tiny_model_
 @pytest.mark.slow
 def test_bad_input_battery(hf_run, tiny_model_dir, other_model, world_dir, tmp_path):
     """Every bad input is a UserError before an engine starts, and staged parts survive it."""
-    from raydapt.teacher import run
+    from raydapt.teach import run
 
     cfg, _ = hf_run
     out = cfg.out
@@ -347,7 +347,7 @@ def _vllm_score_in_actor(ray, model_dir: Path, seqs: list[np.ndarray]):
     @ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
     class Scorer:
         def score(self, model: str, seqs: list) -> list:
-            from raydapt.teacher.vllm_backend import VLLMBackend
+            from raydapt.teach.vllm_backend import VLLMBackend
 
             return VLLMBackend({"model": model, "dtype": "float32", "max_model_len": 256, "k": K}).score(seqs)
 
@@ -360,8 +360,8 @@ def vllm_runs(tmp_path_factory, tiny_model_dir, world_dir, ray_session):
     """Every vLLM run the assertions need, each once (engine starts dominate the time):
     a 2-actor score pool; a 1-actor generate+score pool crashed after one part, then rerun;
     and, beside the crash run, one engine's raw fp32 scores (parity, 1-engine reference)."""
-    from raydapt.teacher import run
-    from raydapt.teacher.pool import FAIL_AFTER_ENV
+    from raydapt.teach import run
+    from raydapt.teach.pool import FAIL_AFTER_ENV
 
     ray = ray_session()
     base = tmp_path_factory.mktemp("teach_vllm")

@@ -5,7 +5,7 @@ and slow, for tests and for checking the pool: a teacher forward in fp32, log_so
 topk, written through `raydapt.targets.make_table` / `PartStore.finalize`, so the output
 is a complete targets dataset in the DESIGN.md schema.
 
-    from raydapt.train.reference import score_topk
+    from raydapt.teach.reference import score_topk
     score_topk("runs/demo/models/teacher", rows, k=8, out="runs/demo/targets")
 """
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,13 @@ import pyarrow.parquet as pq
 from raydapt import layout
 from raydapt.config import JobConfig
 from raydapt.errors import UserError
-from raydapt.storage import hash_json, read_manifest, require_manifest, write_json_atomic
+from raydapt.models import engine_dtype, is_hub_id, load_tokenizer, tokenizer_hash, weights_hash
+from raydapt.sources import model_path
+from raydapt.storage import hash_json, require_manifest, write_json_atomic
 from raydapt.targets import PartStore, id_dtype_for
-from raydapt.teacher.convert import MAX_K, sample_id
+from raydapt.teach.convert import MAX_K, sample_id
+from raydapt.teach.pool import run_pool
+from raydapt.teach.spec import ActorSpec, Sampling
 
 # Keys of the `teach` section that change only how fast the work runs, never its output.
 RESOURCE_KEYS = ("min_actors", "max_actors", "batch_size", "cpus_per_actor", "gpus_per_actor",
@@ -45,14 +51,12 @@ def _teacher_path(cfg: JobConfig) -> Path | str:
     We do not fall back to the preset when an explicit path is missing: a typo in
     teacher.path must not silently teach with a freshly built random model.
     """
-    from raydapt.models import _is_hub_id, resolve_model
-
     path = cfg.teacher.path
     if not path:
-        return resolve_model(cfg, "teacher")
+        return model_path(cfg, "teacher")
     if os.path.isdir(os.path.expanduser(path)):
         return Path(os.path.expanduser(path))
-    if _is_hub_id(path):
+    if is_hub_id(path):
         return path  # loading it below raises a UserError if the hub (or cache) lacks it
     raise UserError(f"teacher.path: model folder {path} does not exist; point it at an HF model folder or a hub id")
 
@@ -64,8 +68,6 @@ def _check_k(cfg: JobConfig) -> None:
 
 def _teacher_info(cfg: JobConfig) -> dict:
     from transformers import AutoConfig
-
-    from raydapt.models import engine_dtype, load_tokenizer, tokenizer_hash, weights_hash
 
     path = _teacher_path(cfg)
     tok = load_tokenizer(path)
@@ -130,10 +132,35 @@ def check_lengths(cfg: JobConfig, rows: pa.Table, max_model_len: int) -> None:
         raise UserError(f"teach: {empty} row(s) have an empty {col}; rerun `raydapt prepare`")
 
 
-def fingerprint(cfg: JobConfig, teacher: dict, source: dict) -> str:
-    teach = {k: v for k, v in dataclasses.asdict(cfg.teach).items() if k not in RESOURCE_KEYS}
-    return hash_json({"teach": teach, "teacher": {k: teacher[k] for k in ("weights_hash", "tokenizer_hash", "dtype", "max_model_len")},
-                      "student_tokenizer": source["tokenizer_hash"], "source": hash_json(source), "v": 1})
+@dataclass(frozen=True)
+class TeachPlan:
+    """The checked inputs of one teach run."""
+
+    job: JobConfig
+    output: Path
+    teacher: dict  # path, weights_hash, tokenizer_hash, vocab_size, dtype, max_model_len
+    source: dict  # the prepared manifest
+    same_tokenizer: bool
+    rows: pa.Table = field(repr=False)
+
+
+def plan(job: JobConfig) -> TeachPlan:
+    """Every input check before an engine starts: k, teacher, tokenizers, row lengths."""
+    _check_k(job)
+    prepared = layout.prepared_dir(job)
+    source = require_manifest(prepared, "prepared data", "prepare JOB")
+    teacher = _teacher_info(job)
+    same_tok = _check_tokenizers(job, teacher, source)
+    rows = load_rows(job, prepared)
+    check_lengths(job, rows, teacher["max_model_len"])
+    return TeachPlan(job, layout.targets_dir(job), teacher, source, same_tok, rows)
+
+
+def fingerprint(p: TeachPlan) -> str:
+    teach = {k: v for k, v in dataclasses.asdict(p.job.teach).items() if k not in RESOURCE_KEYS}
+    teacher = {k: p.teacher[k] for k in ("weights_hash", "tokenizer_hash", "dtype", "max_model_len")}
+    return hash_json({"teach": teach, "teacher": teacher, "student_tokenizer": p.source["tokenizer_hash"],
+                      "source": hash_json(p.source), "v": 1})
 
 
 def open_store(final: Path, fp: str) -> PartStore:
@@ -150,8 +177,6 @@ def open_store(final: Path, fp: str) -> PartStore:
 
 
 def read_json(path: Path) -> dict:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -178,66 +203,54 @@ def engine_version(backend: str) -> dict:
     return {"transformers": transformers.__version__}
 
 
-def run(cfg: JobConfig) -> dict:
-    """The teach stage. Returns the targets manifest plus what this run computed."""
-    _check_k(cfg)
-    prepared = layout.prepared_dir(cfg)
-    source = require_manifest(prepared, "prepared data", "prepare JOB")
-    teacher = _teacher_info(cfg)
-    same_tok = _check_tokenizers(cfg, teacher, source)
-    rows = load_rows(cfg, prepared)
-    check_lengths(cfg, rows, teacher["max_model_len"])
-    fp = fingerprint(cfg, teacher, source)
-    final = layout.targets_dir(cfg)
-    m = read_manifest(final)
-    if m is not None and m.get("fingerprint") == fp:
-        print(f"teach: up to date ({final})")
-        return {**m, "skipped": True, "computed_rows": 0}
+def run(p: TeachPlan) -> dict:
+    """Run the pool on the rows not done yet, then finalize. Returns the targets manifest
+    plus what this run computed."""
+    cfg, rows, final, fp = p.job, p.rows, p.output, fingerprint(p)
     store = open_store(final, fp)
     done = store.done_ids()
     todo = pending(cfg, rows, done)
-    print(f"teach: {cfg.teach.kind} with {cfg.teach.backend}: {rows.num_rows} input rows, {rows.num_rows - todo.num_rows} already done")
+    print(f"[teach] {cfg.teach.kind} with {cfg.teach.backend}: {rows.num_rows} input rows, "
+          f"{rows.num_rows - todo.num_rows} already done", flush=True)
     t0 = time.perf_counter()
     stats = {"rows": 0, "tokens": 0, "actors": 0}
     if todo.num_rows:
-        from raydapt.teacher.pool import run_pool
-
-        spec = actor_spec(cfg, teacher, source, same_tok, final)
-        stats = run_pool(todo, spec, cfg.teach)
+        stats = run_pool(todo, actor_spec(p), cfg.teach)
     seconds = time.perf_counter() - t0
     missing = pending(cfg, rows, store.done_ids())
     if missing.num_rows:  # parts vanished under us (another run on the same output_dir?)
         raise UserError(f"teach: {missing.num_rows} of {rows.num_rows} rows have no targets part in {store.dir} "
                         f"after the pool finished (first: {missing.column('id')[0].as_py()}); the folder was "
                         "changed from outside this run. Run one teach per output_dir, then rerun to compute the rest")
-    manifest = store.finalize(lineage(cfg, teacher, source, fp))
-    print(f"teach: computed {stats['rows']} rows / {stats['tokens']} tokens in {seconds:.1f}s; "
-          f"{manifest['rows']} rows, {manifest['bytes_per_token']:.1f} bytes/token -> {final}")
+    manifest = store.finalize(lineage(p, fp))
+    print(f"[teach] computed {stats['rows']} rows / {stats['tokens']} tokens in {seconds:.1f}s; "
+          f"{manifest['rows']} rows, {manifest['bytes_per_token']:.1f} bytes/token -> {final}", flush=True)
     return {**manifest, "computed_rows": stats["rows"], "computed_tokens": stats["tokens"],
             "already_done": len(done), "actors_used": stats["actors"], "seconds": seconds,
             "pool": {k: stats[k] for k in ("busy_s", "span_s", "batch_tokens_per_s") if k in stats}}
 
 
-def actor_spec(cfg: JobConfig, teacher: dict, source: dict, same_tok: bool, final: Path) -> dict:
+def actor_spec(p: TeachPlan) -> ActorSpec:
+    t, teacher = p.job.teach, p.teacher
+    return ActorSpec(
+        backend=t.backend, kind=t.kind, k=t.k, model=teacher["path"], dtype=teacher["dtype"],
+        max_model_len=teacher["max_model_len"], tensor_parallel_size=t.tensor_parallel_size,
+        gpu_memory_utilization=t.gpu_memory_utilization, num_gpus=t.gpus_per_actor,
+        trust_remote_code=p.job.teacher.trust_remote_code, seed=t.seed,
+        id_dtype=id_dtype_for(teacher["vocab_size"]), same_tokenizer=p.same_tokenizer,
+        student_tokenizer_path=p.source.get("tokenizer_path"), final=str(Path(p.output).resolve()),
+        gen=sampling(p.job),
+    )
+
+
+def sampling(cfg: JobConfig) -> Sampling:
     t = cfg.teach
-    return {
-        "backend": t.backend, "kind": t.kind, "k": t.k, "model": teacher["path"],
-        "dtype": teacher["dtype"], "max_model_len": teacher["max_model_len"],
-        "tensor_parallel_size": t.tensor_parallel_size, "gpu_memory_utilization": t.gpu_memory_utilization,
-        "num_gpus": t.gpus_per_actor, "trust_remote_code": cfg.teacher.trust_remote_code, "seed": t.seed,
-        "id_dtype": id_dtype_for(teacher["vocab_size"]), "same_tokenizer": same_tok,
-        "student_tokenizer_path": source.get("tokenizer_path"), "final": str(Path(final).resolve()),
-        "gen": sampling(cfg),
-    }
+    return Sampling(n=t.n, temperature=t.temperature, top_p=t.top_p, max_tokens=t.max_tokens,
+                    stop=tuple(t.stop), seed=t.seed)
 
 
-def sampling(cfg: JobConfig) -> dict:
-    t = cfg.teach
-    return {"n": t.n, "temperature": t.temperature, "top_p": t.top_p, "max_tokens": t.max_tokens,
-            "stop": list(t.stop), "seed": t.seed}
-
-
-def lineage(cfg: JobConfig, teacher: dict, source: dict, fp: str) -> dict[str, Any]:
+def lineage(p: TeachPlan, fp: str) -> dict[str, Any]:
+    cfg, teacher, source = p.job, p.teacher, p.source
     logits = cfg.teach.kind != "generate"
     return {
         "fingerprint": fp, "kind": cfg.teach.kind, "backend": cfg.teach.backend, "split": cfg.teach.split,
@@ -246,7 +259,7 @@ def lineage(cfg: JobConfig, teacher: dict, source: dict, fp: str) -> dict[str, A
         "tokenizer_hash": source["tokenizer_hash"], "tokenizer_path": source.get("tokenizer_path"),
         "engine": engine_version(cfg.teach.backend),
         "vllm_version": engine_version("vllm")["vllm"] if cfg.teach.backend == "vllm" else None,
-        "sampling": sampling(cfg) if cfg.teach.kind != "score" else {"prompt_logprobs": cfg.teach.k, "temperature": 1.0},
+        "sampling": dataclasses.asdict(sampling(cfg)) if cfg.teach.kind != "score" else {"prompt_logprobs": cfg.teach.k, "temperature": 1.0},
         "source": {"path": str(layout.prepared_dir(cfg)), "manifest_hash": hash_json(source),
                    "fingerprint": source.get("fingerprint")},
         "encoding": {"topk_ids": id_dtype_for(teacher["vocab_size"]), "topk_logprobs": "float16"} if logits else {},

@@ -13,9 +13,10 @@ For a `files` corpus, the loss is taken on the prepared validation split instead
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,56 +25,96 @@ import numpy as np
 from raydapt import layout
 from raydapt.config import EvalConfig, JobConfig
 from raydapt.errors import UserError
-from raydapt.storage import write_json_atomic
-
-log = logging.getLogger(__name__)
-
-
-def heldout_rows(cfg: JobConfig) -> list[dict]:
-    if cfg.corpus.source != "world":
-        return []
-    from raydapt.corpus import materialize_world
-    from raydapt.world import read_jsonl
-
-    return read_jsonl(materialize_world(cfg) / "heldout.jsonl")
+from raydapt.models import count_params, load_model, load_tokenizer, weights_hash
+from raydapt.prepare.stage import split_files
+from raydapt.prepare.tokenize import Tokenize
+from raydapt.rows import loss_mask_of, padded
+from raydapt.sources import world_dir
+from raydapt.storage import finish_record, hash_json, read_manifest
+from raydapt.train.losses import ce_loss
+from raydapt.world import MarkovLanguage, exact_match, read_jsonl
 
 
-def _encode_rows(tok: Any, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(ids, target) per row, with the same rules as `prepare` (Tokenize)."""
-    from raydapt.corpus import Tokenize
+@dataclass(frozen=True)
+class EvalPlan:
+    """One model (or endpoint) to evaluate, and the record file its metrics go to."""
 
-    t = Tokenize.__new__(Tokenize)  # reuse the row rules with an already-loaded tokenizer
-    t.tok, t.opts = tok, {"chat_template": "auto", "max_chars": 10**9, "seq_len": 10**9, "drop_longer": False}
-    t.use_template = bool(getattr(tok, "chat_template", None))
-    t._wrap = t._template_wrap() if t.use_template else None
+    job: JobConfig
+    output: Path  # <out>/eval/<name>.json
+    name: str
+    model_dir: Path | None  # None: evaluate job.eval.endpoint
+
+
+def plan(job: JobConfig, model_dir: str | Path | None = None, name: str = "student") -> EvalPlan:
+    """The model folder (default: the train export) must hold an HF model."""
+    if job.eval.endpoint:
+        return EvalPlan(job, layout.eval_dir(job) / "endpoint.json", "endpoint", None)
+    model = Path(model_dir or layout.export_dir(job))
+    if not (model / "config.json").is_file():
+        raise UserError(f"eval: no model at {model}; run `raydapt train` first "
+                        f"(it writes {layout.export_dir(job)})")
+    if job.corpus.source == "world":
+        world_dir(job)  # raises if the world is missing
+    else:
+        split_files(layout.prepared_dir(job), "validation")
+    return EvalPlan(job, layout.eval_dir(job) / f"{name}.json", name, model)
+
+
+def fingerprint(p: EvalPlan) -> str | None:
+    """The eval settings, the model's weights and the held-out data; None for an endpoint
+    (what it serves can change under the same URL)."""
+    if p.model_dir is None:
+        return None
+    data = (read_manifest(world_dir(p.job)) if p.job.corpus.source == "world"
+            else read_manifest(layout.prepared_dir(p.job)))
+    return hash_json({"eval": p.job.eval.__dict__, "weights": weights_hash(p.model_dir),
+                      "data": (data or {}).get("fingerprint"), "v": 2})
+
+
+def run(p: EvalPlan) -> dict:
+    """Evaluate and write the record (metrics plus fingerprint)."""
+    if p.model_dir is None:
+        metrics = evaluate_endpoint(p.job)
+    elif p.job.corpus.source == "world":
+        metrics = evaluate_model(p.model_dir, heldout_rows(p.job), p.job.eval)
+    else:
+        metrics = {"model": str(p.model_dir), "val_loss": validation_loss(p.model_dir, p.job)}
+        metrics["perplexity"] = math.exp(metrics["val_loss"])
+    record = finish_record(p.output, {**metrics, "fingerprint": fingerprint(p)})
+    print(f"[eval] {p.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                         if isinstance(v, float)), flush=True)
+    return record
+
+
+def heldout_rows(job: JobConfig) -> list[dict]:
+    return read_jsonl(world_dir(job) / "heldout.jsonl") if job.corpus.source == "world" else []
+
+
+def _encode_rows(tok: Any, rows: list[dict]) -> list[tuple[list[int], np.ndarray]]:
+    """(input_ids, loss_mask) per row, with the same row rules as `prepare`."""
+    rules = Tokenize(tok, {})
     out = []
     for r in rows:
-        doc, reason = t.doc({k: v for k, v in r.items() if k in ("text", "prompt", "response", "messages")})
+        doc, _ = rules.doc({k: v for k, v in r.items() if k in ("text", "prompt", "response", "messages")})
         if doc is not None:
-            out.append((doc.ids, doc.target))
+            out.append((doc.ids, loss_mask_of(np.asarray(doc.target, np.uint8))))
     return out
 
 
-def token_loss(model: Any, encoded: list[tuple[list[int], list[int]]], batch_size: int = 32) -> float:
-    """Mean next-token NLL (nats) over target tokens."""
+def token_loss(model: Any, rows: list[tuple[list[int], Any]], batch_size: int = 32) -> float:
+    """Mean next-token NLL (nats) over the masked positions of (input_ids, loss_mask) rows:
+    `losses.ce_loss`, the training loss, summed over batches."""
     import torch
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i : i + batch_size]
-        T = max(len(ids) for ids, _ in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        tgt = torch.zeros(len(chunk), T)
-        for j, (a, m) in enumerate(chunk):
-            ids[j, : len(a)] = torch.tensor(a)
-            tgt[j, : len(m)] = torch.tensor(m, dtype=torch.float)
+    for i in range(0, len(rows), batch_size):
+        b = {k: v.to(device) for k, v in padded(rows[i : i + batch_size]).items()}
+        n = int((b["loss_mask"][:, :-1] > 0).sum())
         with torch.no_grad():
-            logits = model(ids.to(device)).logits.float()  # (B, T, V)
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-        mask = tgt[:, 1:].to(device)
-        total += float(-(logp * mask).sum())
-        count += int(mask.sum())
+            logits = model(b["input_ids"]).logits  # (B, T, V)
+        total += float(ce_loss(logits, b["input_ids"], b["loss_mask"])) * n
+        count += n
     return total / max(count, 1)
 
 
@@ -101,9 +142,6 @@ def greedy_answers(model: Any, tok: Any, prompts: list[str], max_new_tokens: int
 
 def evaluate_model(model_dir: str | Path, rows: list[dict], ecfg: EvalConfig) -> dict:
     """Loss on held-out problems and Markov text, exact-match, parameter count, decode speed."""
-    from raydapt.models import count_params, load_model, load_tokenizer
-    from raydapt.world import MarkovLanguage, exact_match
-
     tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     problems = [r for r in rows if "prompt" in r][: ecfg.max_problems]
     markov = [r for r in rows if r.get("task") == "markov"]
@@ -129,45 +167,17 @@ def evaluate_model(model_dir: str | Path, rows: list[dict], ecfg: EvalConfig) ->
     return out
 
 
-def validation_loss(model_dir: str | Path, cfg: JobConfig) -> float:
+def validation_loss(model_dir: str | Path, job: JobConfig) -> float:
     """Token loss on the prepared validation split (for corpora without held-out problems)."""
     import pyarrow.parquet as pq
 
-    from raydapt.corpus import split_files
-    from raydapt.models import load_model
-
-    files = split_files(layout.prepared_dir(cfg), "validation")
-    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
-    # loss_mask is logits-aligned; token_loss wants token-aligned targets: shift right by one
-    encoded = [(r["input_ids"], [0] + list(r["loss_mask"][:-1])) for r in rows]
-    return token_loss(load_model(model_dir).eval(), encoded, cfg.eval.batch_size)
-
-
-def run(cfg: JobConfig, model_dir: str | Path | None = None, name: str = "student") -> dict:
-    """The eval stage: evaluate `model_dir` (default: the train export) and write metrics.json."""
-    if cfg.eval.endpoint:
-        return evaluate_endpoint(cfg)
-    model_dir = Path(model_dir or layout.export_dir(cfg))
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"eval: no model at {model_dir}; run `raydapt train` first (it writes {layout.export_dir(cfg)})")
-    rows = heldout_rows(cfg)
-    metrics = evaluate_model(model_dir, rows, cfg.eval) if rows else {"model": str(model_dir)}
-    if not rows:
-        metrics["val_loss"] = validation_loss(model_dir, cfg)
-        metrics["perplexity"] = math.exp(metrics["val_loss"])
-    out = layout.eval_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / f"{name}.json", metrics)
-    print(f"eval[{name}]: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-    return metrics
+    files = split_files(layout.prepared_dir(job), "validation")
+    rows = [(r["input_ids"], r["loss_mask"]) for f in files for r in pq.read_table(f).to_pylist()]
+    return token_loss(load_model(model_dir).eval(), rows, job.eval.batch_size)
 
 
 def evaluate_endpoint(cfg: JobConfig) -> dict:
     """Exact-match through a served OpenAI-compatible endpoint (completions, greedy)."""
-    import urllib.request
-
-    from raydapt.world import exact_match
-
     rows = [r for r in heldout_rows(cfg) if "prompt" in r][: cfg.eval.max_problems]
     if not rows:
         raise UserError("eval.endpoint: only the world corpus has held-out problems to score")
@@ -181,8 +191,5 @@ def evaluate_endpoint(cfg: JobConfig) -> dict:
         req = urllib.request.Request(f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
             preds.append(json.load(r)["choices"][0]["message"]["content"])
-    metrics = {"endpoint": base, "exact_match": exact_match(preds, [r["answer"] for r in rows]), "problems": len(rows)}
-    layout.eval_dir(cfg).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(layout.eval_dir(cfg) / "endpoint.json", metrics)
-    print(f"eval[endpoint]: exact_match={metrics['exact_match']:.3f} on {len(rows)} problems")
-    return metrics
+    return {"endpoint": base, "exact_match": exact_match(preds, [r["answer"] for r in rows]),
+            "problems": len(rows)}

@@ -12,14 +12,15 @@ import numpy as np
 import pyarrow as pa
 
 from raydapt.targets import make_table
-from raydapt.teacher.convert import response_loss_mask, row_seed, sample_id
+from raydapt.teach.convert import response_loss_mask, row_seed, sample_id
+from raydapt.teach.spec import ActorSpec
 
 
 def _lists(col: pa.ChunkedArray, dtype: Any) -> list[np.ndarray]:
     return [np.asarray(x if x is not None else [], dtype) for x in col.to_pylist()]
 
 
-def score_batch(backend: Any, batch: pa.Table, spec: dict) -> pa.Table:
+def score_batch(backend: Any, batch: pa.Table, spec: ActorSpec) -> pa.Table:
     """Prepared rows (id, input_ids, loss_mask) -> rows with the teacher's top-k per position."""
     ids = batch.column("id").to_pylist()
     seqs = _lists(batch.column("input_ids"), np.int32)
@@ -28,24 +29,24 @@ def score_batch(backend: Any, batch: pa.Table, spec: dict) -> pa.Table:
         if len(m):
             m[-1] = 0  # the last position has no next token (already 0 in prepared rows)
     dense = backend.score(seqs)
-    return make_table(ids, seqs, masks, [d[0] for d in dense], [d[1] for d in dense], spec["k"], spec["id_dtype"])
+    return make_table(ids, seqs, masks, [d[0] for d in dense], [d[1] for d in dense], spec.k, spec.id_dtype)
 
 
-def generate_batch(backend: Any, batch: pa.Table, spec: dict, student_tok: Any = None) -> pa.Table:
+def generate_batch(backend: Any, batch: pa.Table, spec: ActorSpec, student_tok: Any = None) -> pa.Table:
     """Prompt rows (id, prompt, prompt_ids) -> n sampled rows each; scored too for generate+score."""
-    gen = spec["gen"]
+    gen = spec.gen
     pids = batch.column("id").to_pylist()
     prompt_ids = _lists(batch.column("prompt_ids"), np.int32)
-    if spec["same_tokenizer"]:
+    if spec.same_tokenizer:
         engine_prompts = [p.tolist() for p in prompt_ids]
     else:  # the teacher reads the raw prompt through its own chat template
         engine_prompts = [teacher_prompt_ids(backend.tokenizer, t) for t in batch.column("prompt").to_pylist()]
-    seeds = [[row_seed(spec["seed"], sample_id(p, j)) for j in range(gen["n"])] for p in pids]
+    seeds = [[row_seed(spec.seed, sample_id(p, j)) for j in range(gen.n)] for p in pids]
     samples = backend.generate(engine_prompts, seeds, gen)
     cols: dict[str, list] = {k: [] for k in ("id", "input_ids", "loss_mask", "prompt_ids", "response_ids", "text", "sample_index")}
     for pid, p_ids, outs in zip(pids, prompt_ids, samples, strict=True):
         for j, (resp, text, ended) in enumerate(outs):
-            if not spec["same_tokenizer"]:
+            if not spec.same_tokenizer:
                 resp = student_ids(student_tok, text, ended)
             resp = np.asarray(resp, np.int32)
             cols["id"].append(sample_id(pid, j))
@@ -56,12 +57,12 @@ def generate_batch(backend: Any, batch: pa.Table, spec: dict, student_tok: Any =
             cols["text"].append(text)
             cols["sample_index"].append(j)
     generation = {k: cols[k] for k in ("prompt_ids", "response_ids", "text", "sample_index")}
-    if spec["kind"] == "generate":
-        return make_table(cols["id"], cols["input_ids"], cols["loss_mask"], None, None, spec["k"], spec["id_dtype"], generation)
+    if spec.kind == "generate":
+        return make_table(cols["id"], cols["input_ids"], cols["loss_mask"], None, None, spec.k, spec.id_dtype, generation)
     dense = backend.score(cols["input_ids"])
     return make_table(
         cols["id"], cols["input_ids"], cols["loss_mask"], [d[0] for d in dense], [d[1] for d in dense],
-        spec["k"], spec["id_dtype"], generation,
+        spec.k, spec.id_dtype, generation,
     )
 
 
@@ -80,7 +81,7 @@ def student_ids(tok: Any, text: str, ended: bool) -> list[int]:
     return ids + [tok.eos_token_id] if ended and tok.eos_token_id is not None else ids
 
 
-def teach_batch(backend: Any, batch: pa.Table, spec: dict, student_tok: Any = None) -> pa.Table:
-    if spec["kind"] == "score":
+def teach_batch(backend: Any, batch: pa.Table, spec: ActorSpec, student_tok: Any = None) -> pa.Table:
+    if spec.kind == "score":
         return score_batch(backend, batch, spec)
     return generate_batch(backend, batch, spec, student_tok)

@@ -7,7 +7,7 @@ import pytest
 from raydapt.config import ConfigError, JobConfig, explain, job_from_dict, load_job
 from raydapt.errors import UserError
 
-JOBS = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs").glob("*.yaml"))
+JOBS = sorted(Path(__file__).resolve().parents[2].joinpath("jobs").glob("*.yaml"))
 
 
 def test_defaults_are_valid():
@@ -49,10 +49,13 @@ def test_all_errors_reported_together(tmp_path):
 def test_cross_field_checks():
     with pytest.raises(ConfigError) as e:
         job_from_dict({"corpus": {"source": "files"}, "teach": {"min_actors": 3, "max_actors": 1},
-                       "train": {"mode": "distill", "kd_k": 8}, "tune": {"space": {"train.lr": {"loguniform": [0, 1]},
+                       "train": {"mode": "distill", "kd_k": 8, "jsd_beta": 1.5}, "tune": {"space": {"train.lr": {"loguniform": [0, 1]},
                        "train.nope": {"choice": [1]}, "lr": {"choice": [1]}}}})
     msg = str(e.value)
-    assert "corpus.paths" in msg and "teach.max_actors" in msg and "teach.k" in msg
+    assert "corpus.paths" in msg and "teach.max_actors" in msg
+    # a removed key names its replacement; ranges match the losses' ([0, 1] for jsd_beta)
+    assert "train.kd_k: removed; use teach.k" in msg
+    assert "train.jsd_beta: must be in [0, 1], got 1.5" in msg
     assert "tune.space.train.lr.loguniform: bounds must be > 0" in msg
     assert "tune.space.train.nope: train has no key `nope`" in msg
     assert "tune.space.lr: only train.* keys" in msg
@@ -77,3 +80,14 @@ def test_explain_lists_every_key():
 def test_every_shipped_job_validates(job):
     cfg = load_job(job)
     assert cfg.stages, job
+
+
+def test_jsd_beta_accepts_the_losses_whole_range():
+    for beta in (0.0, 1.0):
+        assert job_from_dict({"train": {"jsd_beta": beta}}).train.jsd_beta == beta
+
+
+def test_removed_key_on_the_command_line_exits_2():
+    from raydapt.cli import main
+
+    assert main(["config", str(JOBS[0].parent / "demo.yaml"), "train.kd_k=64"]) == 2

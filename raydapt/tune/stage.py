@@ -36,7 +36,7 @@ from typing import Any
 from raydapt import layout
 from raydapt.config import JobConfig, job_from_dict
 from raydapt.storage import hash_json, read_manifest
-from raydapt.tune_space import check_space, make_scheduler, make_search, tune_space
+from raydapt.tune.space import check_space, make_scheduler, make_search, tune_space
 
 FAIL_ENV = "RAYDAPT_TUNE_FAIL"
 
@@ -74,7 +74,7 @@ def _trial(config: dict, job: dict, sweep_dir: str, fail: str, pbt: bool) -> Non
     starts = tdir / "starts.jsonl"  # one line per time this trial (re)started
     n_start = len(starts.read_text().splitlines()) if starts.is_file() else 0
     if pbt:  # each start is a fresh Train run from the checkpoint Tune hands over
-        from raydapt.tune_pbt import fit_reporting_checkpoints, restore_path
+        from raydapt.tune.pbt import fit_reporting_checkpoints, restore_path
 
         run_name, resume_from = f"run-{n_start}", restore_path(tdir)
         plan["resume_from"] = resume_from

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from raydapt.teacher.convert import cut_at_stop, pad_row
+from raydapt.teach.convert import cut_at_stop, pad_row
+from raydapt.teach.spec import ActorSpec, Sampling
 
 Sample = tuple[list[int], str, bool]
 
@@ -18,18 +19,18 @@ Sample = tuple[list[int], str, bool]
 class HFBackend:
     name = "hf"
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: ActorSpec):
         import torch
 
         from raydapt.models import load_model, load_tokenizer
 
-        self.k = int(spec["k"])
-        dtype = "float32" if spec["dtype"] == "auto" else spec["dtype"]
-        self.model = load_model(spec["model"], dtype, trust_remote_code=spec.get("trust_remote_code", False)).eval()
-        self.tokenizer = load_tokenizer(spec["model"])
-        self.device = "cuda" if torch.cuda.is_available() and spec.get("num_gpus", 0) else "cpu"
+        self.k = int(spec.k)
+        dtype = "float32" if spec.dtype == "auto" else spec.dtype
+        self.model = load_model(spec.model, dtype, trust_remote_code=spec.trust_remote_code).eval()
+        self.tokenizer = load_tokenizer(spec.model)
+        self.device = "cuda" if torch.cuda.is_available() and spec.num_gpus else "cpu"
         self.model.to(self.device)
-        self.max_batch_tokens = int(spec.get("hf_batch_tokens", 8192))
+        self.max_batch_tokens = int(spec.hf_batch_tokens)
 
     def score(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each (T,) row -> (T, k) top-k ids and logprobs, in micro-batches of similar rows."""
@@ -73,7 +74,7 @@ class HFBackend:
             res.append((a, p))
         return res
 
-    def generate(self, prompts: list[list[int]], seeds: list[list[int]], gen: dict) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], seeds: list[list[int]], gen: Sampling) -> list[list[Sample]]:
         """len(seeds[i]) samples of prompt i, each drawn after torch.manual_seed(its seed)."""
         import torch
 
@@ -87,11 +88,11 @@ class HFBackend:
                 torch.manual_seed(seed)
                 with torch.inference_mode():
                     y = self.model.generate(
-                        x, attention_mask=torch.ones_like(x), do_sample=gen["temperature"] > 0,
-                        temperature=gen["temperature"] or None, top_p=gen["top_p"], top_k=0,
-                        max_new_tokens=gen["max_tokens"], eos_token_id=eos, pad_token_id=pad,
+                        x, attention_mask=torch.ones_like(x), do_sample=gen.temperature > 0,
+                        temperature=gen.temperature or None, top_p=gen.top_p, top_k=0,
+                        max_new_tokens=gen.max_tokens, eos_token_id=eos, pad_token_id=pad,
                     )  # (1, P + new)
-                row.append(self._sample(y[0, x.shape[1]:].tolist(), eos, gen["stop"]))
+                row.append(self._sample(y[0, x.shape[1]:].tolist(), eos, gen.stop))
             results.append(row)
         return results
 

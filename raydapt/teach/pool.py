@@ -26,8 +26,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from raydapt.config import TeachConfig
 from raydapt.faults import park_until_killed
+from raydapt.models import load_tokenizer
 from raydapt.targets import PartStore
+from raydapt.teach.spec import ActorSpec
+from raydapt.teach.work import teach_batch
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +53,12 @@ def hold_for_kill(path: str, part: Any, table: pa.Table) -> None:
     park_until_killed(path, {"part": str(part), "ids": table.column("id").to_pylist()})
 
 
-def make_backend(spec: dict) -> Any:
-    if spec["backend"] == "hf":
-        from raydapt.teacher.hf_backend import HFBackend
+def make_backend(spec: ActorSpec) -> Any:
+    if spec.backend == "hf":
+        from raydapt.teach.hf_backend import HFBackend
 
         return HFBackend(spec)
-    from raydapt.teacher.vllm_backend import VLLMBackend
+    from raydapt.teach.vllm_backend import VLLMBackend
 
     return VLLMBackend(spec)
 
@@ -62,20 +66,16 @@ def make_backend(spec: dict) -> Any:
 class TeacherActor:
     """A Ray Data callable class: builds the engine once, then turns batches into parts."""
 
-    def __init__(self, spec: dict):
-        from raydapt.models import load_tokenizer
-
+    def __init__(self, spec: ActorSpec):
         self.spec = spec
         self.backend = make_backend(spec)
-        self.student_tok = None if spec["same_tokenizer"] else load_tokenizer(spec["student_tokenizer_path"])
-        self.store = PartStore(spec["final"])
+        self.student_tok = None if spec.same_tokenizer else load_tokenizer(spec.student_tokenizer_path)
+        self.store = PartStore(spec.final)
         self.parts = 0
         self.fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
         self.hold_file = os.environ.get(HOLD_ENV, "")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from raydapt.teacher.work import teach_batch
-
         t0 = time.time()
         table = teach_batch(self.backend, batch, self.spec, self.student_tok)
         part = self.store.write(table)
@@ -92,8 +92,8 @@ class TeacherActor:
                          "t1": pa.array([t1] * table.num_rows, pa.float64())})
 
 
-def run_pool(rows: pa.Table, spec: dict, tcfg: Any) -> dict:
-    """Teach every row of `rows` through the pool; parts land in PartStore(spec['final'])."""
+def run_pool(rows: pa.Table, spec: ActorSpec, tcfg: TeachConfig) -> dict:
+    """Teach every row of `rows` through the pool; parts land in PartStore(spec.final)."""
     import ray.data
 
     bs = max(1, int(tcfg.batch_size))

@@ -1,0 +1,152 @@
+"""The training objective, chosen once from the config, called the same way every micro-batch.
+
+    objective = build_objective(tc, teacher, has_topk)   # in setup, once
+    loss, parts = objective(model, batch)                # every micro-batch, train and eval
+    n = objective.count(batch)                           # positions the mean runs over
+
+Why one object: the loop then has no branch on mode, teacher or target columns per
+micro-batch (the torchtune pattern: the loss is built in setup). Every objective returns the
+mean loss over `count(batch)` positions (so the loop can weight micro-batches and ranks by
+it) and detached parts named in `parts` (the metrics it logs and reports).
+
+    mode / targets                         objective      parts
+    transfer + new_head=classification     Classification ce, acc
+    full, lora, transfer                   NextToken      ce
+    distill, targets without top-k         NextToken      ce   (sequence-level KD: CE on the
+                                                                teacher's generated rows)
+    distill, targets with top-k (offline)  TopKDistill    kd, ce
+    distill, teacher=online                OnlineDistill  kd, ce
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raydapt.config import TrainConfig
+from raydapt.train.losses import ce_loss, distill_loss, full_kd_loss, topk_kd_loss
+from raydapt.train.modes import is_classification
+
+Batch = dict[str, Tensor]
+Parts = dict[str, Tensor]
+
+
+class Objective:
+    """Base: next-token positions are counted; subclasses define `__call__`."""
+
+    parts: ClassVar[tuple[str, ...]] = ("ce",)
+
+    def count(self, batch: Batch) -> int:
+        """Positions the loss averages over: CE positions (loss_mask, last position off)."""
+        return int((batch["loss_mask"][:, :-1] > 0).sum())
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
+        raise NotImplementedError
+
+
+class NextToken(Objective):
+    """Masked next-token cross-entropy."""
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
+        ids = batch["input_ids"]  # (B, T)
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        ce = ce_loss(logits, ids, batch["loss_mask"])
+        return ce, {"ce": ce.detach()}
+
+
+class Classification(Objective):
+    """Cross-entropy of a sequence classification head on labelled rows (label >= 0)."""
+
+    parts: ClassVar[tuple[str, ...]] = ("ce", "acc")
+
+    def count(self, batch: Batch) -> int:
+        return int((batch["label"] >= 0).sum())
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
+        logits = model(input_ids=batch["input_ids"]).logits.float()  # (B, C)
+        labels = batch["label"]  # (B,), -1: unlabelled or padding
+        ok = labels >= 0
+        n = ok.sum().clamp_min(1)
+        per_row = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")  # (B,)
+        loss = torch.where(ok, per_row, 0.0).sum() / n
+        acc = ((logits.argmax(-1) == labels) & ok).sum() / n
+        return loss, {"ce": loss.detach(), "acc": acc.detach().float()}
+
+
+@dataclass(frozen=True)
+class KD:
+    """The train.kd_* settings the two distillation objectives share."""
+
+    kind: str
+    temperature: float
+    beta: float
+    chunk: int
+    alpha: float
+
+    @classmethod
+    def of(cls, tc: TrainConfig) -> KD:
+        return cls(tc.kd_loss, tc.kd_temperature, tc.jsd_beta, tc.kd_chunk, tc.kd_alpha)
+
+
+@dataclass(frozen=True, eq=False)
+class TopKDistill(Objective):
+    """alpha * KD against the stored teacher top-k (plus a tail bucket) + (1 - alpha) * CE."""
+
+    kd: KD
+    parts: ClassVar[tuple[str, ...]] = ("kd", "ce")
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
+        ids, mask, k = batch["input_ids"], batch["loss_mask"], self.kd
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        ce = ce_loss(logits, ids, mask)
+        kd = topk_kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], mask, k.kind, k.temperature,
+                          k.beta, k.chunk)
+        return distill_loss(kd, ce, k.alpha)
+
+
+@dataclass(frozen=True, eq=False)
+class OnlineDistill(Objective):
+    """alpha * full-vocabulary KD against a live, frozen teacher + (1 - alpha) * CE."""
+
+    teacher: nn.Module
+    kd: KD
+    parts: ClassVar[tuple[str, ...]] = ("kd", "ce")
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
+        ids, mask, k = batch["input_ids"], batch["loss_mask"], self.kd
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        ce = ce_loss(logits, ids, mask)
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        kd = full_kd_loss(logits, t_logits, mask, k.kind, k.temperature, k.beta, k.chunk)
+        return distill_loss(kd, ce, k.alpha)
+
+
+def objective_class(tc: TrainConfig, online: bool, has_topk: bool) -> type[Objective]:
+    """Which objective `tc` trains with (see the module table); the driver uses it to know
+    the parts every report carries before any worker starts."""
+    if is_classification(tc):
+        return Classification
+    if tc.mode == "distill" and online:
+        return OnlineDistill
+    if tc.mode == "distill" and has_topk:
+        return TopKDistill
+    return NextToken
+
+
+def build_objective(tc: TrainConfig, teacher: nn.Module | None = None, has_topk: bool = False) -> Objective:
+    """The objective of `tc`. `teacher`: the online teacher, if any; `has_topk`: the training
+    rows carry topk_ids / topk_logprobs.
+
+    Validation uses `build_objective(tc)`: CE (or the classification loss) only, since the
+    validation split has no teacher targets."""
+    cls = objective_class(tc, teacher is not None, has_topk)
+    if cls is OnlineDistill:
+        return OnlineDistill(teacher, KD.of(tc))
+    if cls is TopKDistill:
+        return TopKDistill(KD.of(tc))
+    return cls()
