@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="job overrides passed to `raydapt demo`")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="raydapt-bench-pipeline-"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "RAYDAPT_PROGRESS": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "raydapt", "demo", f"output_dir={out}", *args.overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -25,8 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyarrow as pa  # noqa: E402
 
-from raydapt import corpus  # noqa: E402
+from raydapt import prepare  # noqa: E402
 from raydapt.config import job_from_dict  # noqa: E402
+from raydapt.prepare.stage import write_prepared  # noqa: E402
+from raydapt.prepare.tokenize import Tokenize  # noqa: E402
+from raydapt.sources import materialize  # noqa: E402
 from raydapt.storage import read_manifest  # noqa: E402
 
 
@@ -54,7 +57,7 @@ def make_corpus(root: Path, mb: float) -> Path:
 
 def baseline(cfg, model_dir: Path, path: Path, out: Path) -> dict:
     """The same Tokenize and write_prepared, in one process, no Ray."""
-    tok = corpus.Tokenize(str(model_dir), {**cfg.prepare.__dict__, "format": "jsonl"})
+    tok = Tokenize(str(model_dir), {**cfg.prepare.__dict__, "format": "jsonl"})
 
     def batches():
         with open(path) as f:
@@ -68,7 +71,7 @@ def baseline(cfg, model_dir: Path, path: Path, out: Path) -> dict:
                 yield tok(pa.table({"text": lines}))
 
     out.mkdir(parents=True)
-    return corpus.write_prepared(batches(), out, cfg.prepare)
+    return write_prepared(batches(), out, cfg.prepare)
 
 
 def main() -> None:
@@ -90,14 +93,13 @@ def main() -> None:
         })
         ray.init(num_cpus=8, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        from raydapt.models import resolve_model
-
-        model_dir = resolve_model(cfg, "student")
+        materialize(cfg)  # the preset student's tokenizer, built once
+        model_dir = Path(prepare.plan(cfg).tokenizer_path)
         ray_tps, base_tps = [], []
         for r in range(args.runs):
             shutil.rmtree(root / "run" / "prepared", ignore_errors=True)
             t0 = time.perf_counter()
-            corpus.run(cfg)
+            prepare.run(prepare.plan(cfg))  # the stage as run_stage runs it, without the skip
             dt = time.perf_counter() - t0
             m = read_manifest(root / "run" / "prepared")
             tokens = sum(m["tokens"].values())

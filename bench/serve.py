@@ -157,14 +157,16 @@ def stop_raw(proc: subprocess.Popen) -> None:
 
 
 def start_raydapt(model: Path, args: argparse.Namespace) -> str:
+    from raydapt.cluster import connect
     from raydapt.config import job_from_dict
-    from raydapt.serve import run
+    from raydapt.pipeline import run_stage
 
     cfg = job_from_dict({"name": "bench", "serve": {
         "name": NAME, "port": free_port(), "dtype": args.dtype, "max_model_len": MAX_LEN,
         "max_ongoing_requests": 64, "max_queued_requests": 64, "api_keys_env": "",
         "cpus_per_replica": 1.0}, "cluster": {"num_cpus": 8}})
-    return run(cfg, str(model), block=False)
+    connect(cfg.cluster)
+    return run_stage("serve", cfg, model_dir=str(model), block=False)["url"]
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("RAYDAPT_PROGRESS", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -82,8 +81,10 @@ def setup(work: Path, n_rows: int, n_prompts: int) -> Path:
     return model
 
 
-def gen_params(args) -> dict:
-    return {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_tokens": args.max_tokens, "stop": [], "seed": 0}
+def gen_params(args):
+    from raydapt.teach.spec import Sampling
+
+    return Sampling(n=1, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, seed=0)
 
 
 def batches(table, bs: int) -> list:
@@ -96,7 +97,7 @@ def raw_vllm(model: Path, prepared: Path, args) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from raydapt.teacher.convert import row_seed, sample_id
+    from raydapt.teach.convert import row_seed, sample_id
 
     t0 = time.perf_counter()
     llm = LLM(model=str(model), dtype=args.dtype, max_model_len=512, max_logprobs=K, enforce_eager=True, seed=0)
@@ -105,7 +106,7 @@ def raw_vllm(model: Path, prepared: Path, args) -> dict:
     gen_rates, gen_tokens = [], 0
     for b in batches(pq.read_table(prepared / "prompts"), args.batch_size):
         reqs = [TokensPrompt(prompt_token_ids=p) for p in b.column("prompt_ids").to_pylist()]
-        sps = [SamplingParams(temperature=g["temperature"], top_p=g["top_p"], max_tokens=g["max_tokens"],
+        sps = [SamplingParams(temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
                               seed=row_seed(0, sample_id(pid, 0))) for pid in b.column("id").to_pylist()]
         t = time.perf_counter()
         outs = llm.generate(reqs, sps, use_tqdm=False)
@@ -127,7 +128,7 @@ def raw_vllm(model: Path, prepared: Path, args) -> dict:
 def pool(work: Path, model: Path, args) -> dict:
     from raydapt.cluster import connect
     from raydapt.config import job_from_dict
-    from raydapt.teacher import run
+    from raydapt.pipeline import run_stage
 
     res = {}
     for kind in ("generate", "score"):
@@ -141,7 +142,7 @@ def pool(work: Path, model: Path, args) -> dict:
                                  "max_tokens": args.max_tokens, "temperature": 1.0, "seed": 0}})
         connect(cfg.cluster)
         t = time.perf_counter()
-        m = run(cfg)
+        m = run_stage("teach", cfg)
         p = m["pool"]
         res[kind] = {"median_batch_tok_s": statistics.median(p["batch_tokens_per_s"]),
                      "span_tok_s": m["computed_tokens"] / p["span_s"], "stage_s": time.perf_counter() - t,
@@ -161,9 +162,10 @@ def hf(model: Path, prepared: Path, args) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from raydapt.teacher.hf_backend import HFBackend
+    from raydapt.teach.hf_backend import HFBackend
+    from raydapt.teach.spec import ActorSpec
 
-    be = HFBackend({"model": str(model), "dtype": args.dtype, "k": K})
+    be = HFBackend(ActorSpec(model=str(model), dtype=args.dtype, k=K))
     prompts = pq.read_table(prepared / "prompts").slice(0, args.hf_prompts)
     t = time.perf_counter()
     outs = be.generate(prompts.column("prompt_ids").to_pylist(), [[i] for i in range(prompts.num_rows)], gen_params(args))

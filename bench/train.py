@@ -70,11 +70,10 @@ def plain_loop(model_dir: str, batches: list, lr: float, betas: list, skip: int)
 
 
 def raydapt_run(cfg, skip: int) -> dict:
-    from raydapt import layout
-    from raydapt.train.launch import run
+    from raydapt import layout, train
 
     t0 = time.perf_counter()
-    run(cfg)
+    train.run(train.plan(cfg))
     wall = time.perf_counter() - t0
     m = [json.loads(x) for x in (layout.train_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
     rates = [x["tokens_per_s"] for x in m[skip:-1]]  # the last step also evaluates

@@ -49,6 +49,7 @@ def batches(n: int, b: int, t: int) -> list[dict]:
 def run_raydapt(path: str, data: list[dict], precision: str, ac: bool, min_world: int = 1) -> dict:
     from raydapt.config import TrainConfig
     from raydapt.train import checkpoint, fsdp, loop, modes
+    from raydapt.train.objective import build_objective
 
     tc = TrainConfig(precision=precision, use_gpu=True, lr=1e-3, warmup_steps=1, max_steps=len(data),
                      activation_checkpointing=ac)
@@ -58,12 +59,13 @@ def run_raydapt(path: str, data: list[dict], precision: str, ac: bool, min_world
     params = modes.trainable(model)
     optim = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: loop.lr_factor(s, tc))
+    objective = build_objective(tc)
     torch.cuda.reset_peak_memory_stats()
     rates, losses = [], []
     for b in data:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        m = loop.train_step(model, None, optim, sched, [b], tc, params, dev)
+        m = loop.train_step(model, objective, optim, sched, [b], tc, params, dev)
         torch.cuda.synchronize()
         rates.append(m["tokens"] / (time.perf_counter() - t0))
         losses.append(m["loss"])

@@ -38,25 +38,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="runs/raydapt-bench-tune")
     args = ap.parse_args()
-    import raydapt.corpus
-    import raydapt.tune
+    from raydapt import pipeline, train
     from raydapt.cluster import connect
     from raydapt.config import job_from_dict
-    from raydapt.train import launch
 
     shutil.rmtree(args.out, ignore_errors=True)
     data = job(args.out, args.steps)
     cfg = job_from_dict(data)
     connect(cfg.cluster)
-    raydapt.corpus.run(cfg)
+    pipeline.run_stage("prepare", cfg)
     t0 = time.perf_counter()
-    summary = raydapt.tune.run(cfg)
+    summary = pipeline.run_stage("tune", cfg)
     sweep_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     seq_loss = []
     for i, lr in enumerate(LRS):
         c = job_from_dict({**data, "name": f"seq{i}", "train": {**data["train"], "lr": lr}})
-        seq_loss.append(launch.run(c)["metrics"].get("val_loss"))
+        seq_loss.append(train.run(train.plan(c))["metrics"].get("val_loss"))
     seq_s = time.perf_counter() - t0
     sweep_loss = [r["val_loss"] for r in summary["rows"]]
     print(f"\nbench/tune: 4 trials x {args.steps} steps (tiny Llama, batch 4, seq 128, 1 worker each)")

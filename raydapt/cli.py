@@ -22,8 +22,13 @@ import sys
 import traceback
 from pathlib import Path
 
+from raydapt import pipeline
 from raydapt import stage as stages
+from raydapt.cluster import connect
+from raydapt.config import JobConfig, explain, load_job
 from raydapt.errors import UserError
+from raydapt.logs import console
+from raydapt.models import init_model
 
 RUN_HELP = "Chain the job's `stages`, skipping those that are up to date."
 
@@ -37,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `raydapt config --explain` for every job key. Docs: README.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="debug logging, and Ray's and vLLM's logs on the console (else in <output_dir>/logs/)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_ in [(s.name, s.help) for s in stages.STAGES] + [("run", RUN_HELP)]:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -63,9 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load(args: argparse.Namespace):
-    from raydapt.config import load_job
-
+def _load(args: argparse.Namespace) -> JobConfig:
     if getattr(args, "command", None) == "serve" and os.path.isdir(args.job):
         return load_job(None, [f"serve.model={os.path.abspath(args.job)}", *args.overrides])
     return load_job(args.job, args.overrides)
@@ -94,47 +98,44 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "init-model":
-        from raydapt.models import init_model
-
         out = init_model(args.preset, args.corpus, args.out, args.vocab_size, args.seed, args.tokenizer_from)
         print(f"init-model: {args.preset} -> {out}")
         return 0
     if args.command == "config":
-        from raydapt.config import explain
-
         if args.explain or not args.job:
             print(explain())
             return 0
         print(json.dumps(_load(args).to_dict(), indent=2))
         return 0
     if args.command == "demo":
-        from raydapt.config import load_job
-
         job = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
         cfg = load_job(job if job.is_file() else None, args.overrides)
-        return _run_stage("demo", cfg, None)
+        return _run_stage("demo", cfg, None, verbose=args.verbose)
     cfg = _load(args)
-    return _run_stage(args.command, cfg, args.address, block=not getattr(args, "no_block", False))
+    return _run_stage(args.command, cfg, args.address, block=not getattr(args, "no_block", False),
+                      verbose=args.verbose)
 
 
-def _run_stage(command: str, cfg, address: str | None, block: bool = True) -> int:
-    """Connect to Ray (after the config is valid), then run a stage, `run` or the demo."""
-    from raydapt import pipeline
-    from raydapt.cluster import connect
+def _run_stage(command: str, cfg: JobConfig, address: str | None, block: bool = True,
+               verbose: bool = False) -> int:
+    """Connect to Ray (after the config is valid), then run a stage, `run` or the demo, with
+    Ray's and vLLM's logs in <output_dir>/logs/ unless `verbose`."""
+    with console(cfg.out / "logs", verbose):
+        connect(cfg.cluster, address, verbose=verbose)
+        return _dispatch_stage(command, cfg, block)
 
-    connect(cfg.cluster, address)
+
+def _dispatch_stage(command: str, cfg: JobConfig, block: bool) -> int:
     if command == "demo":
-        from raydapt.demo import run_demo
+        from raydapt.demo import run_demo  # loads Ray Serve and openai (4 s) that no stage needs
 
         run_demo(cfg)
     elif command == "run":
-        pipeline.run(cfg, serve_block=block)
+        return 1 if pipeline.run(cfg, serve_block=block)["failed"] else 0
     elif command == "serve":
         pipeline.run_stage("serve", cfg, block=block)
     else:
-        result = pipeline.run_stage(command, cfg)
-        if isinstance(result, dict) and result.get("failed"):
-            return 1
+        return 1 if pipeline.run_stage(command, cfg).get("failed") else 0
     return 0
 
 

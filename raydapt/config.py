@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from raydapt.errors import UserError
+from raydapt.stage import BY_NAME
 from raydapt.stage import NAMES as STAGES
 from raydapt.world import TASKS
 
@@ -221,7 +222,7 @@ class ClusterConfig:
     """How to reach Ray."""
 
     address: str = _f("", "Ray address; empty uses RAY_ADDRESS or starts a local cluster.")
-    num_cpus: int = _f(8, "Logical CPUs of a local cluster (oversubscribed on purpose, see PLATFORM).")
+    num_cpus: int = _f(8, "Logical CPUs of a local cluster: more than the cores on purpose, since each Train worker reserves one CPU and the work mostly waits.")
     num_gpus: int = _f(0, "GPUs of a local cluster.")
     object_store_gib: float = _f(2.0, "Object store of a local cluster, GiB.")
     connect_timeout_s: float = _f(20.0, "Give up connecting to `address` after this long.")
@@ -515,9 +516,11 @@ def explain() -> str:
         cls = globals()[tp] if isinstance(tp, str) and tp in globals() else tp
         if dataclasses.is_dataclass(cls):
             lines.append(f"\n{sect.name}:  # {cls.__doc__.strip().splitlines()[0]}")
+            if sect.name in BY_NAME:
+                lines.append(f"  # stage `raydapt {sect.name}`: {BY_NAME[sect.name].help}")
             for f in dataclasses.fields(cls):
                 d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                lines.append(f"  {f.name}: {d!r:<24} # {f.metadata.get('help', '')}")
+                lines.append(f"  {f.name}: {d!r}".ljust(36) + f" # {f.metadata.get('help', '')}")
         else:
             d = sect.default if sect.default is not dataclasses.MISSING else sect.default_factory()
             lines.append(f"{sect.name}: {d!r}  # {sect.metadata.get('help', '')}")

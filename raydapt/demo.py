@@ -46,8 +46,12 @@ def _teacher(cfg: JobConfig) -> Path:
                    train={**dataclasses.asdict(cfg.train), **TEACHER_TRAIN,
                           "max_steps": TEACHER_STEPS * cfg.train.max_steps,
                           "checkpoint_every": cfg.train.max_steps, "eval_every": cfg.train.max_steps})
-    run_stages(dataclasses.replace(tcfg, stages=["train"]))
+    run_stages(dataclasses.replace(tcfg, stages=["train"]), quiet=True)
     return layout.export_dir(tcfg)
+
+
+def step(i: int, text: str) -> None:
+    print(f"\n[demo] {i}/6 {text}", flush=True)
 
 
 def _ask(url: str, model: str) -> str:
@@ -62,19 +66,24 @@ def run_demo(cfg: JobConfig) -> dict:
     timings: dict[str, Any] = {}
 
     def stages(c: JobConfig, names: list[str], prefix: str = "") -> None:
-        for s in run_stages(dataclasses.replace(c, stages=names))["stages"]:
+        for s in run_stages(dataclasses.replace(c, stages=names), quiet=True)["stages"]:
             timings[prefix + s["stage"]] = s["seconds"]
             if s["stage"] == "teach" and s["result"]:
                 timings["teach_pool"] = {k: s["result"].get(k) for k in ("seconds", "pool", "computed_rows")}
 
+    step(1, "prepare the world corpus (Ray Data)")
     stages(cfg, ["prepare"])
+    step(2, f"train the `{cfg.teacher.preset}` teacher (cached after the first run)")
     t = time.perf_counter()
     teacher_dir = _teacher(cfg)
     timings["teacher train"] = round(time.perf_counter() - t, 1)
     cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=str(teacher_dir), preset=""))
+    step(3, f"score the corpus with the vLLM teacher pool (top-{cfg.teach.k}), distill the student")
     stages(cfg, ["teach", "train"], "kd ")
+    step(4, "train the same student with cross-entropy alone, for comparison")
     ce = derived(cfg, "ce", train={"mode": "full"})
     stages(ce, ["train"], "ce ")
+    step(5, "evaluate the teacher and both students on held-out problems")
     timings["teach"] = timings.pop("kd teach")
     rows = []
     t = time.perf_counter()
@@ -86,13 +95,11 @@ def run_demo(cfg: JobConfig) -> dict:
     cols = ["model", "heldout_loss", "markov_loss", "exact_match", "params", "decode_tokens_per_s"]
     text = report.table(rows, cols)
     floor = rows[0].get("markov_entropy_floor")
-    print("\n" + text)
-    if floor:
-        print(f"markov_loss floor (true entropy rate of the world's language): {floor:.4f} nats/token")
     answer = None
     if "serve" in cfg.stages:
+        step(6, "serve the KD student over HTTP and ask it one question")
         t = time.perf_counter()
-        answer = _serve_and_ask(cfg)
+        url, answer = _serve_and_ask(cfg)
         timings["serve + ask"] = round(time.perf_counter() - t, 1)
     images = [p for p in (
         report.plot_curves({"teacher": report.read_metrics(teacher_dir.parent / "metrics.jsonl"),
@@ -109,17 +116,22 @@ def run_demo(cfg: JobConfig) -> dict:
     timings["total"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(cfg.out / "timings.json", timings)
     path = report.write_report(cfg.out, "raydapt demo", text, images, [n for n in notes if n])
-    print(f"\nreport: {path}")
+    print(f"\n[demo] done in {timings['total']:.0f} s; report with loss curves: {path}")
+    print("\nheld-out problems and Markov text (lower loss is better; exact_match is greedy):")
+    print(text)
+    if floor:
+        print(f"markov_loss floor (the true entropy rate of the world's language): {floor:.4f} nats/token")
+    if answer is not None:
+        print(f"served KD student at {url}: `add 123 456` -> {answer!r}")
     return {"rows": rows, "report": str(path), "timings": timings}
 
 
-def _serve_and_ask(cfg: JobConfig) -> str:
+def _serve_and_ask(cfg: JobConfig) -> tuple[str, str]:
+    """Serve the KD student, ask it one question through the openai client, stop serving."""
     url = run_stage("serve", cfg, block=False)["url"]
     try:
         with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as r:
             name = json.load(r)["data"][0]["id"]
-        answer = _ask(url, name)
-        print(f"\nserved at {url}; `add 123 456` -> {answer!r}")
-        return answer
+        return url, _ask(url, name)
     finally:
         serve.shutdown()

@@ -1,4 +1,4 @@
-"""Fault-injection points for tests/test_faults.py and bench/chaos.py.
+"""Fault-injection points for tests/faults/test_faults_ray.py and bench/chaos.py.
 
 A fault test must kill a real process at a known moment (a Train worker right after step N,
 a teacher actor right after it wrote a part), not whenever a timer fires. So the process

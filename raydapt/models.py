@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raydapt.errors import UserError
-from raydapt.storage import sha256_bytes
+from raydapt.storage import hash_files, sha256_bytes
 
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -183,7 +183,7 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model(path: str | Path, dtype: str = "float32", **kw: Any):
-    """Load an HF causal LM; checks the tokenizer fits its embedding."""
+    """Load an HF causal LM; a path that does not load is a UserError naming it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -236,8 +236,6 @@ def tokenizer_hash(tokenizer: Any) -> str:
 
 def weights_hash(folder: str | Path) -> str:
     """Hash of a model folder's weight files (safetensors / bin), for lineage."""
-    from raydapt.storage import hash_files
-
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     return hash_files(files) if files else "remote:" + str(folder)

@@ -67,22 +67,27 @@ def run_stage(name: str, job: JobConfig, **overrides: Any) -> dict:
         return module.run(plan)
 
 
-def run(job: JobConfig, serve_block: bool = True) -> dict:
-    """Run the job's stages in order; print what ran, what was skipped and where outputs are."""
+def run(job: JobConfig, serve_block: bool = True, quiet: bool = False) -> dict:
+    """Run the job's stages in order; print what ran, what was skipped and where outputs are
+    (not with `quiet`: the demo prints its own summary)."""
     names = [s for s in stages.NAMES if s in job.stages]
     check_needs(job, names)
     summary: list[dict] = []
     for name in names:
         t0 = time.perf_counter()
-        print(f"[run] {name}: starting", flush=True)
+        if not quiet:
+            print(f"[run] {name}: starting", flush=True)
         result = run_stage(name, job, **({"block": serve_block} if name == "serve" else {}))
-        skipped = isinstance(result, dict) and result.get("skipped")
-        summary.append({"stage": name, "status": "skipped (up to date)" if skipped else "ran",
-                        "seconds": round(time.perf_counter() - t0, 1),
-                        "result": result if isinstance(result, dict) else None})
-    rows = [{**s, "output": _output_name(job, s["stage"])} for s in summary]
-    print("\n" + table(rows, ["stage", "status", "seconds", "output"]), flush=True)
-    return {"stages": summary}
+        status = ("failed" if result.get("failed") else
+                  "skipped (up to date)" if result.get("skipped") else "ran")
+        summary.append({"stage": name, "status": status, "seconds": round(time.perf_counter() - t0, 1),
+                        "result": result})
+        if status == "failed":  # a failed sweep: the stages after it would read no output
+            break
+    if not quiet:
+        rows = [{**s, "output": _output_name(job, s["stage"])} for s in summary]
+        print("\n" + table(rows, ["stage", "status", "seconds", "output"]), flush=True)
+    return {"stages": summary, "failed": any(s["status"] == "failed" for s in summary)}
 
 
 def _output_name(job: JobConfig, name: str) -> str:

@@ -140,4 +140,5 @@ def materialize(job: JobConfig, roles: tuple[str, ...] = ("student",)) -> None:
     if job.corpus.source == "world":
         materialize_world(job)
     for role in roles:
-        build_model(job, role)
+        if not getattr(job, role).path:  # explicit paths are checked by the stage's plan
+            build_model(job, role)

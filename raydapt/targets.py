@@ -1,6 +1,6 @@
 """The targets dataset: the contract between the teacher pool and the trainer.
 
-Parquet files plus `manifest.json`, one row per training sequence (DESIGN.md):
+Parquet files plus `manifest.json`, one row per training sequence (the contract in README.md, "Architecture"):
 
     id             string                              stable content-hash id, exactly once
     input_ids      list<int32>                         prompt + response tokens, length T
@@ -127,34 +127,6 @@ def decode_row_topk(table: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
     return ids.astype(np.int64).reshape(-1, k), lps.astype(np.float32).reshape(-1, k)
 
 
-def collate(rows: dict[str, list], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Pad a batch of target rows (as python lists / arrays) to (B, seq_len[, k]) numpy arrays.
-
-    Used on batches from Ray Data (`iter_batches(batch_format="numpy")` yields object
-    arrays of per-row lists). Positions past a row's length get loss_mask 0.
-    """
-    n = len(rows["input_ids"])
-    out = {
-        "input_ids": np.full((n, seq_len), pad_id, np.int64),
-        "loss_mask": np.zeros((n, seq_len), np.float32),
-    }
-    has_topk = "topk_ids" in rows
-    if has_topk:
-        k = len(np.asarray(rows["topk_ids"][0][0]))
-        out["topk_ids"] = np.zeros((n, seq_len, k), np.int64)
-        out["topk_logprobs"] = np.zeros((n, seq_len, k), np.float32)
-        out["topk_logprobs"][:, :, 1:] = -np.inf  # padding positions: all mass on slot 0
-    for i in range(n):
-        ids = np.asarray(rows["input_ids"][i])[:seq_len]
-        t = len(ids)
-        out["input_ids"][i, :t] = ids
-        out["loss_mask"][i, :t] = np.asarray(rows["loss_mask"][i])[:t]
-        if has_topk:
-            out["topk_ids"][i, :t] = np.stack(rows["topk_ids"][i])[:t]
-            out["topk_logprobs"][i, :t] = np.stack(rows["topk_logprobs"][i])[:t].astype(np.float32)
-    return out
-
-
 class PartStore:
     """Staging folder of whole parts; the unit of exactly-once progress."""
 
@@ -233,8 +205,9 @@ def read_targets(folder: str | os.PathLike) -> tuple[dict, list[Path]]:
     return m, sorted(folder.glob("targets-*.parquet"))
 
 
-def check_compatible(manifest: dict, student_tokenizer_hash: str, kd_k: int, where: str) -> None:
-    """Logit targets only make sense with the student's tokenizer and a k the loss expects."""
+def check_compatible(manifest: dict, student_tokenizer_hash: str, teach_k: int, where: str) -> None:
+    """Logit targets only make sense with the student's tokenizer, and are the ones this job's
+    `teach` section asks for only when they hold top-`teach.k` (the trainer reads teach.k)."""
     problems = []
     t_hash = manifest.get("tokenizer_hash")
     if t_hash != student_tokenizer_hash:
@@ -244,8 +217,9 @@ def check_compatible(manifest: dict, student_tokenizer_hash: str, kd_k: int, whe
             "the student's tokenizer (teach.kind=score needs a shared vocabulary)"
         )
     k = manifest.get("k")
-    if isinstance(k, int) and k > kd_k:
-        problems.append(f"the targets hold top-{k} but train.kd_k={kd_k}; set train.kd_k>={k}")
+    if isinstance(k, int) and k != teach_k:
+        problems.append(f"the targets hold top-{k} but teach.k={teach_k}; rerun `raydapt teach JOB` "
+                        f"to score top-{teach_k}, or set teach.k={k}")
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
 

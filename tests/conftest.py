@@ -11,7 +11,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("RAYDAPT_PROGRESS", "0")
 
 import pytest  # noqa: E402
 
@@ -36,7 +35,8 @@ def tiny_model_dir(world_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray cluster with more logical CPUs than cores (PLATFORM.md), shared by all tests.
+    """A local Ray cluster with more logical CPUs than cores (Train workers each
+    reserve one CPU, so two would fill a 2-core machine), shared by all tests.
 
     Tests that need a cluster of another shape shut this one down themselves; the next user
     of this fixture starts it again.

@@ -31,6 +31,7 @@ from raydapt.config import JobConfig, PrepareConfig
 from raydapt.errors import UserError
 from raydapt.models import check_vocab, load_tokenizer, tokenizer_hash
 from raydapt.prepare.tokenize import Tokenize
+from raydapt.progress import Progress
 from raydapt.rows import loss_mask_of, pack
 from raydapt.sources import EXTENSIONS, input_paths, model_path
 from raydapt.storage import atomic_dir, finish_manifest, hash_json, require_manifest
@@ -269,7 +270,9 @@ def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
     seen: set[str] = set()
     prompts: dict[str, list] = {"id": [], "prompt": [], "prompt_ids": [], "answer": []}
     n_docs = 0
+    bar = Progress("prepare", unit="docs")
     for table in it:
+        bar.update(table.num_rows)
         cols = {c: table.column(c) for c in table.column_names}
         reasons = cols["reason"].to_pylist()
         hashes = cols["hash"].to_pylist()
@@ -293,6 +296,7 @@ def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
                 prompts["prompt"].append(cols["prompt"][i].as_py())
                 prompts["prompt_ids"].append(cols["prompt_ids"][i].values.to_numpy(zero_copy_only=False))
                 prompts["answer"].append(cols["answer"][i].as_py())
+    bar.close()
     for s in splits.values():
         s.close()
     if prompts["id"]:

@@ -13,8 +13,8 @@ Built by `raydapt.serve.build_app`; run with `raydapt serve JOB`.
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,7 +38,7 @@ from raydapt.models import load_tokenizer
 from raydapt.serve import protocol as P
 from raydapt.serve.auth import authorized
 from raydapt.serve.lora import AdapterLoader
-from raydapt.serve.spec import ReplicaSpec, replica_env, build_spec
+from raydapt.serve.spec import ReplicaSpec, build_spec, replica_env
 
 log = logging.getLogger(__name__)
 

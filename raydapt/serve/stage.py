@@ -20,7 +20,7 @@ from typing import Any
 
 from ray import serve
 
-from raydapt.config import JobConfig, load_job
+from raydapt.config import JobConfig
 from raydapt.serve.app import build_app
 from raydapt.serve.spec import ReplicaSpec, build_spec
 
@@ -66,13 +66,6 @@ def run(p: ServePlan) -> dict[str, Any]:
         finally:
             shutdown()
     return {"url": url, "model": p.spec.name}
-
-
-def from_target(target: str, overrides: list[str] | None = None) -> tuple[JobConfig, str | None]:
-    """`raydapt serve JOB|MODEL_DIR`: a job YAML, or a model folder served with default settings."""
-    if Path(target).is_dir():
-        return load_job(None, overrides), target
-    return load_job(target, overrides), None
 
 
 def shutdown() -> None:

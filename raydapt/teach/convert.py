@@ -2,12 +2,12 @@
 
 No Ray, no vLLM, no torch here, so the trainer-facing conventions are testable on their own.
 
-Alignment (DESIGN.md): row position t holds the teacher's distribution over token t+1 given
+Alignment (raydapt.rows): row position t holds the teacher's distribution over token t+1 given
 tokens 0..t, i.e. vLLM's `prompt_logprobs[t + 1]` and transformers' `logits[t]`.
 
 Padding convention: a position with no next token (the last one, T-1) holds id 0 with
 logprob 0.0 in slot 0 and -inf in slots 1..k-1 ("all mass on slot 0", the same convention
-as `targets.collate` uses past a row's end). Its loss_mask is always 0, so the loss never
+as `rows.collate` uses past a row's end). Its loss_mask is always 0, so the loss never
 reads it; the convention only keeps the arrays finite-shaped and the tail bucket at zero.
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from raydapt.models import load_model, load_tokenizer
 from raydapt.teach.convert import cut_at_stop, pad_row
 from raydapt.teach.spec import ActorSpec, Sampling
 
@@ -21,8 +22,6 @@ class HFBackend:
 
     def __init__(self, spec: ActorSpec):
         import torch
-
-        from raydapt.models import load_model, load_tokenizer
 
         self.k = int(spec.k)
         dtype = "float32" if spec.dtype == "auto" else spec.dtype

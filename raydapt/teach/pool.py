@@ -29,7 +29,9 @@ import pyarrow as pa
 from raydapt.config import TeachConfig
 from raydapt.faults import park_until_killed
 from raydapt.models import load_tokenizer
+from raydapt.progress import Progress
 from raydapt.targets import PartStore
+from raydapt.teach.hf_backend import HFBackend
 from raydapt.teach.spec import ActorSpec
 from raydapt.teach.work import teach_batch
 
@@ -55,10 +57,8 @@ def hold_for_kill(path: str, part: Any, table: pa.Table) -> None:
 
 def make_backend(spec: ActorSpec) -> Any:
     if spec.backend == "hf":
-        from raydapt.teach.hf_backend import HFBackend
-
         return HFBackend(spec)
-    from raydapt.teach.vllm_backend import VLLMBackend
+    from raydapt.teach.vllm_backend import VLLMBackend  # imports vLLM (seconds); hf runs need none
 
     return VLLMBackend(spec)
 
@@ -124,13 +124,16 @@ def run_pool(rows: pa.Table, spec: ActorSpec, tcfg: TeachConfig) -> dict:
     n_rows = n_tokens = 0
     actors: set[int] = set()
     batches: dict[tuple[int, float], tuple[float, int]] = {}  # (actor, start) -> (end, tokens)
-    for b in out.iter_batches(batch_format="pyarrow", batch_size=None):
-        n_rows += b.num_rows
-        n_tokens += int(pa.compute.sum(b.column("tokens")).as_py() or 0)
-        actors.update(b.column("actor").to_pylist())
-        for a, t0, t1, n in zip(*(b.column(c).to_pylist() for c in ("actor", "t0", "t1", "tokens")), strict=True):
-            end, tok = batches.get((a, t0), (t1, 0))
-            batches[(a, t0)] = (end, tok + n)
+    with Progress("teach", total=rows.num_rows, unit="rows") as bar:
+        for b in out.iter_batches(batch_format="pyarrow", batch_size=None):
+            n_rows += b.num_rows
+            n_tokens += int(pa.compute.sum(b.column("tokens")).as_py() or 0)
+            actors.update(b.column("actor").to_pylist())
+            cols = (b.column(c).to_pylist() for c in ("actor", "t0", "t1", "tokens"))
+            for a, t0, t1, n in zip(*cols, strict=True):
+                end, tok = batches.get((a, t0), (t1, 0))
+                batches[(a, t0)] = (end, tok + n)
+            bar.update(b.num_rows, tokens=n_tokens, actors=len(actors))
     # busy: seconds inside batches (engine + conversion + part write); span: first start to last end
     starts = [t0 for _, t0 in batches]
     return {"rows": n_rows, "tokens": n_tokens, "actors": len(actors),

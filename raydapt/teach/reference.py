@@ -3,7 +3,7 @@
 The production scorer is the vLLM teacher pool (`raydapt teach`); this one is small, exact
 and slow, for tests and for checking the pool: a teacher forward in fp32, log_softmax,
 topk, written through `raydapt.targets.make_table` / `PartStore.finalize`, so the output
-is a complete targets dataset in the DESIGN.md schema.
+is a complete targets dataset in the schema of raydapt.targets.
 
     from raydapt.teach.reference import score_topk
     score_topk("runs/demo/models/teacher", rows, k=8, out="runs/demo/targets")
@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from raydapt.models import load_model, load_tokenizer, tokenizer_hash, weights_hash
 from raydapt.targets import PartStore, id_dtype_for, make_table
 
 
@@ -46,11 +47,7 @@ def score_topk(
     Writes a complete targets folder at `out` and returns its manifest, which records the
     lineage fields `check_compatible` reads (tokenizer_hash, k).
     """
-    from transformers import AutoModelForCausalLM
-
-    from raydapt.models import load_tokenizer, tokenizer_hash, weights_hash
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = load_model(model_dir, "float32").eval()
     tok = load_tokenizer(model_dir)
     id_dtype = id_dtype_for(model.config.vocab_size)
     store = PartStore(out)

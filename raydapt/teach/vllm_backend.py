@@ -16,7 +16,7 @@ a 53 s engine start, against 19 s in-process, with identical scores. Scoring is 
 slower in-process (6.0 s against 4.7 s for 256 rows in a Ray actor: the engine-core process
 had overlapped the model with the caller's logprob conversion), so a pool scoring millions of
 rows should set the variable to 1, which gives vLLM's default. With the default, only a script that builds the engine itself needs the
-`if __name__ == "__main__"` guard; inside a Ray actor the subprocesses start fine (PLATFORM.md).
+`if __name__ == "__main__"` guard; inside a Ray actor the subprocesses start fine.
 """
 
 from __future__ import annotations

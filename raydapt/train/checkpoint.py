@@ -2,7 +2,7 @@
 
 A checkpoint folder holds the DCP shards of {"model", "optim"} (`__<rank>_0.distcp` and
 `.metadata`), one `rng_<rank>.pt` per rank, and `meta.json` (step, scheduler state, world
-size and the run's fingerprint), written last by rank 0. Each rank writes into its own
+size and the run's `ckpt_key`: what a resuming run must share with it), written last by rank 0. Each rank writes into its own
 temporary folder and passes it to `ray.train.report(checkpoint=...)`; Ray Train uploads all
 ranks' files into one `<storage>/<run>/checkpoint_<step>/` folder and registers it only
 after every rank reported, so a crash mid-save leaves nothing that a resume would read.
@@ -56,16 +56,16 @@ def save(
     optim: torch.optim.Optimizer,
     sched: Any,
     step: int,
-    fingerprint: str,
+    ckpt_key: str,
     metrics: dict,
     train_dir: Path,
     local_mode: bool,
 ) -> None:
     """Save a checkpoint at `step` and report it (with `metrics`) to Ray Train. All ranks call."""
-    import ray.train
+    import ray.train  # slow to import (about 1 s); only workers report
 
     _, size = world()
-    meta = {"step": step, "fingerprint": fingerprint, "world_size": size, "scheduler": sched.state_dict(), "complete": True}
+    meta = {"step": step, "ckpt_key": ckpt_key, "world_size": size, "scheduler": sched.state_dict(), "complete": True}
     name = f"checkpoint_{step:06d}"
     if local_mode:
         final = train_dir / "checkpoints" / name
@@ -83,7 +83,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_folder(folder: Path, fingerprint: str) -> dict:
+def check_folder(folder: Path, ckpt_key: str) -> dict:
     """meta.json of a complete, compatible checkpoint folder; UserError otherwise."""
     meta_path = folder / META
     if not meta_path.is_file() or not (folder / ".metadata").is_file():
@@ -92,10 +92,11 @@ def check_folder(folder: Path, fingerprint: str) -> dict:
             "train.resume=false to start over"
         )
     meta = json.loads(meta_path.read_text())
-    if meta.get("fingerprint") != fingerprint:
+    key = meta.get("ckpt_key", meta.get("fingerprint"))  # checkpoints before the rename say "fingerprint"
+    if key != ckpt_key:
         raise UserError(
             f"checkpoint {folder} was written by an incompatible run (model, train.mode or its "
-            f"options differ: {meta.get('fingerprint')} != {fingerprint}); use another job name or "
+            f"options differ: {key} != {ckpt_key}); use another job name or "
             "output_dir, or set train.resume=false to start over"
         )
     return meta
@@ -114,9 +115,9 @@ def latest_ray(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def restore(folder: Path, model: nn.Module, optim: torch.optim.Optimizer, sched: Any, fingerprint: str) -> int:
+def restore(folder: Path, model: nn.Module, optim: torch.optim.Optimizer, sched: Any, ckpt_key: str) -> int:
     """Load model, optimizer, scheduler and RNG from `folder`; returns the step to continue from."""
-    meta = check_folder(folder, fingerprint)
+    meta = check_folder(folder, ckpt_key)
     rank, _ = world()
     msd, osd = get_state_dict(model, optim)
     state = {"model": msd, "optim": osd}
@@ -154,7 +155,7 @@ def export(model: nn.Module, tc: Any, student_path: str, out: Path, manifest: di
 
 
 def _write_export(sd: dict, tc: Any, student_path: str, tmp: Path) -> list[str]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # slow to import
 
     tok = AutoTokenizer.from_pretrained(student_path)
     if tc.mode == "lora":

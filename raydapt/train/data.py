@@ -41,7 +41,7 @@ def load_rows(batches: Iterable[pa.Table], columns: list[str]) -> pa.Table:
 
 def load_shard(name: str, columns: list[str]) -> pa.Table:
     """Stream the Ray Train dataset shard `name` into memory (one pass)."""
-    import ray.train
+    import ray.train  # slow to import (about 1 s); only workers read shards
 
     shard = ray.train.get_dataset_shard(name)
     return load_rows(shard.iter_batches(batch_format="pyarrow", batch_size=1024), columns)

@@ -3,7 +3,7 @@
 Why: the train loop mixes a next-token cross-entropy with a knowledge-distillation (KD) term
 computed either from a live teacher (full vocabulary) or from stored teacher top-k log-probs
 (the targets dataset, raydapt.targets). Everything here is a plain function of tensors so it can be
-tested against dense references (tests/test_losses.py) and benchmarked (bench/kd_memory.py).
+tested against dense references (tests/train/test_losses.py) and benchmarked (bench/kd_memory.py).
 
 Conventions shared by every function:
 
@@ -42,7 +42,7 @@ the store lacks, never amplifies a rounding-level tail (raising a 1e-7 tail to 1
 equals the full-vocabulary loss at every tau when k = V. Padded slots (logprob -inf) are not
 outcomes: they contribute 0 and do not count toward either head mass.
 
-Run the tests: ``.venv/bin/python -m pytest tests/test_losses.py -q``.
+Run the tests: ``.venv/bin/python -m pytest tests/train/test_losses.py -q``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,11 @@ def is_classification(tc: TrainConfig) -> bool:
 
 def meta_model(path: str | Path, tc: TrainConfig) -> nn.Module:
     """The student's module tree on the meta device (no weights read), for driver-side checks."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (  # slow import
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     config = AutoConfig.from_pretrained(str(path))
     with torch.device("meta"):
@@ -63,7 +67,10 @@ def check_seq_len(config: Any, seq_len: int, where: str) -> None:
 
 def load_student(path: str | Path, tc: TrainConfig) -> nn.Module:
     """The pretrained student in fp32 (FSDP's mixed precision casts for compute)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (  # slow to import
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     if is_classification(tc):
         return AutoModelForSequenceClassification.from_pretrained(
@@ -73,7 +80,7 @@ def load_student(path: str | Path, tc: TrainConfig) -> nn.Module:
 
 
 def apply_lora(model: nn.Module, tc: TrainConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # heavy, and only lora mode needs it
 
     check_lora_targets(model, list(tc.lora_targets))
     cfg = LoraConfig(
@@ -121,7 +128,7 @@ def build_student(path: str | Path, tc: TrainConfig, seed: int) -> nn.Module:
 
 def load_teacher(path: str | Path, student_vocab: int) -> nn.Module:
     """A frozen teacher for online distillation; its vocabulary must equal the student's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # slow to import
 
     config = AutoConfig.from_pretrained(str(path))
     if config.vocab_size != student_vocab:

@@ -7,7 +7,7 @@ report, with its checkpoint, to the trial function through a Ray queue, and the 
 reports it to Tune with `tune.report(metrics, checkpoint=...)`, while `trainer.fit()` runs in
 a thread. When PBT (or Tune's own failure handling) restarts a trial, `tune.get_checkpoint()`
 is the checkpoint to continue from; the trial starts a fresh Train run that restores it
-(`plan["resume_from"]`), and the loop applies the trial's new lr and weight decay over the
+(`TrainPlan.resume_from`), and the loop applies the trial's new lr and weight decay over the
 restored optimizer state (raydapt.train.loop.apply_hparams).
 """
 
@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ray import tune
 from ray.train.v2.api.callback import UserCallback
 from ray.tune.schedulers import PopulationBasedTraining
 from ray.util.queue import Empty, Queue
@@ -52,8 +53,6 @@ class CheckpointBridge(UserCallback):
 
 def restore_path(tdir: Path) -> str | None:
     """The checkpoint Tune gives this (re)start of the trial, as a local folder; None if fresh."""
-    from ray import tune
-
     ck = tune.get_checkpoint()
     if ck is None:
         return None
@@ -64,8 +63,6 @@ def restore_path(tdir: Path) -> str | None:
 
 def fit_reporting_checkpoints(build_trainer: Any) -> Any:
     """`build_trainer(callbacks)` -> TorchTrainer; fit it, reporting each result to Tune."""
-    from ray import tune
-
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = build_trainer([CheckpointBridge(queue)])
     box: dict[str, Any] = {}

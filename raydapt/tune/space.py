@@ -10,10 +10,12 @@ Tune), `{choice: [...]}` and `{grid: [...]}` (every value, `num_samples` times e
 `tune.search: grid`, `choice` entries are searched exhaustively too.
 
 ASHA's clock is the train loop's `step` (optimizer steps), so `max_t = train.max_steps`.
-`tune.grace_period` counts reports of the metric: a `val_*` metric arrives every
-`train.eval_every` steps, so the grace period in steps is `grace_period * eval_every`.
+Every report carries the metric (the train loop's reporting policy: it reports, after an
+evaluation, at every `train.eval_every` and `train.checkpoint_every` step and the last), so
+`tune.grace_period` counts reports: in steps it is `grace_period * report_interval(cfg)`.
 
-PBT (`tune.scheduler: pbt`) perturbs every `train.checkpoint_every` steps: a trial in the
+PBT (`tune.scheduler: pbt`) perturbs every `train.checkpoint_every` steps, where the loop
+has just evaluated, so trials are ranked on fresh validation scores: a trial in the
 bottom quantile continues from a top trial's checkpoint with a mutated copy of its train.*
 values (the `tune.space` entries are the mutations; `grid` lists become choices). Only
 values that can change in the middle of a run may be searched: lr, weight decay, KD
@@ -30,13 +32,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
 from raydapt.config import ConfigError, JobConfig, TuneConfig, job_from_dict
 from raydapt.errors import UserError
+from raydapt.tune.pbt import FinalStepPBT
 
 
 def _domain(form: str, args: list, exhaustive: bool) -> Any:
-    from ray import tune
-
     if form == "loguniform":
         return tune.loguniform(float(args[0]), float(args[1]))
     if form == "uniform":
@@ -88,10 +92,10 @@ def check_space(cfg: JobConfig) -> None:
         problems.append("tune.space: `grid` entries need tune.search=grid or random; optuna samples, use `choice`")
     if tc.scheduler == "pbt":
         problems += _pbt_problems(cfg)
-    if tc.metric.startswith("val_") and cfg.train.eval_every == 0 and tc.scheduler == "asha":
+    if tc.scheduler == "asha" and cfg.train.eval_every <= 0 and cfg.train.checkpoint_every <= 0:
         problems.append(
-            f"tune.metric: {tc.metric} is only reported at the end when train.eval_every=0, so ASHA "
-            "cannot stop anything early; set train.eval_every or tune.scheduler=fifo"
+            "tune.scheduler: with train.eval_every=0 and train.checkpoint_every=0 a trial reports only at "
+            "its last step, so ASHA cannot stop anything early; set train.eval_every or tune.scheduler=fifo"
         )
     if tc.scheduler == "asha" and (tc.reduction_factor < 2 or tc.grace_period < 1):
         problems.append(f"tune.reduction_factor/grace_period: ASHA needs reduction_factor >= 2 and grace_period >= 1, "
@@ -113,28 +117,21 @@ def _pbt_problems(cfg: JobConfig) -> list[str]:
            f"PBT can search {', '.join('train.' + m for m in PBT_MUTABLE)} (use asha for the rest)"
            for k in tc.space if k.split(".", 1)[1] not in PBT_MUTABLE]
     if tr.checkpoint_every <= 0:
-        out.append("train.checkpoint_every: PBT perturbs at checkpoints; set it (e.g. 4x eval_every)")
-    elif tc.metric.startswith("val_") and (tr.eval_every <= 0 or tr.checkpoint_every % tr.eval_every):
-        out.append(f"train.eval_every: PBT compares {tc.metric} at each checkpoint, so eval_every must divide "
-                   f"checkpoint_every ({tr.eval_every} vs {tr.checkpoint_every})")
+        out.append("train.checkpoint_every: PBT perturbs at checkpoints; set it (e.g. a quarter of max_steps)")
     if tc.num_samples * max(1, sum(len(s.get("grid", [None])) for s in tc.space.values())) < 2:
         out.append("tune.num_samples: PBT needs a population of at least 2 trials")
     return out
 
 
 def report_interval(cfg: JobConfig) -> int:
-    """Steps between two reports that carry `tune.metric`."""
+    """Steps to a trial's first report (eval and checkpoint steps report; see the train loop)."""
     tr = cfg.train
-    if cfg.tune.metric.startswith("val_"):
-        return tr.eval_every or tr.max_steps
-    every = [n for n in (tr.log_every, tr.eval_every, tr.checkpoint_every) if n > 0]
-    return min(every) if every else tr.max_steps
+    every = [n for n in (tr.eval_every, tr.checkpoint_every) if n > 0]
+    return min(every + [tr.max_steps])
 
 
 def make_scheduler(cfg: JobConfig) -> Any:
     """FIFO, ASHA or PBT with `step` as their clock (see the module docstring)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     tc = cfg.tune
     if tc.scheduler == "fifo":
         return FIFOScheduler()
@@ -151,26 +148,26 @@ def make_scheduler(cfg: JobConfig) -> Any:
         for dotted, spec in tc.space.items():
             (form, args), = spec.items()
             mutations[dotted.split(".", 1)[1]] = _domain("choice" if form == "grid" else form, args, exhaustive=False)
-        from raydapt.tune.pbt import FinalStepPBT
-
         return FinalStepPBT(
             final_step=cfg.train.max_steps,
             time_attr="step",
             perturbation_interval=cfg.train.checkpoint_every,
             hyperparam_mutations={"train": mutations},
-            require_attrs=False,  # log-step reports carry no val_* metric; PBT waits for one
             synch=tc.pbt_synch,
         )
     raise UserError(f"tune.scheduler: {tc.scheduler!r} is not supported; use asha, pbt or fifo")
 
 
 def make_search(cfg: JobConfig) -> Any:
-    """None (Tune's random/grid variant generator) or Optuna TPE (raydapt.tune.optuna)."""
+    """None (Tune's random/grid variant generator) or Ray's OptunaSearch (TPE). Every trial
+    report carries the metric, which OptunaSearch reads on each one."""
     if cfg.tune.search != "optuna":
         return None
     try:
-        from raydapt.tune.optuna import MetricReportsOptunaSearch
+        import optuna  # noqa: F401 - an optional dependency (Ray's OptunaSearch only asserts it later)
     except ImportError as e:
         raise UserError(f"tune.search: optuna needs the `optuna` package ({e}); "
                         "install raydapt[tune] or use tune.search=random") from None
-    return MetricReportsOptunaSearch(seed=cfg.train.seed)
+    from ray.tune.search.optuna import OptunaSearch  # slow to import; only optuna sweeps need it
+
+    return OptunaSearch(seed=cfg.train.seed)

@@ -1,7 +1,7 @@
 """Faults on a simulated 3-node cluster: lose a Train worker, a teacher actor, a Serve replica
 or a whole node, and lose no data.
 
-    .venv/bin/python -m pytest tests/test_faults.py -x -q --timeout=900
+    .venv/bin/python -m pytest tests/faults/test_faults_ray.py -x -q --timeout=900
 
 The cluster is `ray.cluster_utils.Cluster`: a head node without CPUs (driver, Train
 controller, Serve controller and proxy) and two worker nodes with 2 CPUs and 200 MiB of
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from builders import run_train, train_metrics
 
 from raydapt import layout
 
@@ -210,31 +211,25 @@ TRAIN_KW = dict(max_steps=8, checkpoint_every=3, eval_every=4, log_every=4, batc
 @pytest.fixture(scope="module")
 def train_setup(nodes, tmp_path_factory, world_dir, tiny_model_dir):
     """A job factory and one uninterrupted 2-worker run to compare against."""
-    from test_train import make_job, prepared_rows, write_prepared
+    from builders import train_job, train_rows, write_train_prepared
 
-    rows = prepared_rows(world_dir, tiny_model_dir)
+    rows = train_rows(world_dir, tiny_model_dir)
     root = tmp_path_factory.mktemp("faults_train")
 
     def job(sub: str):
-        cfg = make_job(root / sub, tiny_model_dir, **TRAIN_KW)
-        write_prepared(layout.prepared_dir(cfg), tiny_model_dir, rows)
+        cfg = train_job(root / sub, tiny_model_dir, **TRAIN_KW)
+        write_train_prepared(layout.prepared_dir(cfg), tiny_model_dir, rows)
         return cfg
 
     straight = job("straight")
-    return job, straight, train_run(straight)
-
-
-def train_run(cfg) -> dict:
-    from raydapt.train.launch import run
-
-    return run(cfg)
+    return job, straight, run_train(straight)
 
 
 def held_train_run(cfg, hold: Path, step: int) -> tuple[Background, list[dict]]:
     """Start a run whose workers park after `step`; returns it and the workers' pid files."""
     os.environ["RAYDAPT_HOLD_AT_STEP"], os.environ["RAYDAPT_HOLD_FILE"] = str(step), str(hold)
     try:
-        bg = Background(lambda: train_run(cfg))
+        bg = Background(lambda: run_train(cfg))
         infos = [wait_for(Path(f"{hold}.s{step}.rank{r}")) for r in range(2)]
     finally:
         del os.environ["RAYDAPT_HOLD_AT_STEP"], os.environ["RAYDAPT_HOLD_FILE"]
@@ -244,10 +239,9 @@ def held_train_run(cfg, hold: Path, step: int) -> tuple[Background, list[dict]]:
 def assert_same_model(straight, faulty, summary: dict, start: int) -> None:
     """The faulty run restarted from checkpoint `start` and ended where the straight one did."""
     from safetensors.torch import load_file
-    from test_train import metrics
 
-    assert summary["return_value"]["start_step"] == start
-    a, b = metrics(straight), metrics(faulty)
+    assert summary["start_step"] == start
+    a, b = train_metrics(straight), train_metrics(faulty)
     # the restarted group redid the steps after the checkpoint: every step is logged, some twice
     assert sorted({x["step"] for x in b}) == list(range(1, 9))
     last = {x["step"]: x for x in b}  # the surviving attempt's line for each step
@@ -278,7 +272,8 @@ def test_train_worker_killed_resumes_from_checkpoint(train_setup, tmp_path):
 @pytest.fixture(scope="module")
 def teach_job(nodes, tmp_path_factory, tiny_model_dir, world_dir):
     """Factory: a 2-actor HF-backend score job over 16 prepared rows, 2 rows per batch."""
-    from test_teacher import job, write_prepared
+    from builders import teach_job as job
+    from builders import write_teach_prepared as write_prepared
 
     root = tmp_path_factory.mktemp("faults_teach")
 
@@ -292,12 +287,13 @@ def teach_job(nodes, tmp_path_factory, tiny_model_dir, world_dir):
 
 def held_teach_run(cfg, hold: Path) -> tuple[Background, dict]:
     """Start the teach stage; one actor parks after writing a part. Returns it and that actor."""
-    from raydapt.teach import run
+    from builders import run_teach
+
     from raydapt.teach.pool import HOLD_ENV
 
     os.environ[HOLD_ENV] = str(hold)
     try:
-        bg = Background(lambda: run(cfg))
+        bg = Background(lambda: run_teach(cfg))
         info = wait_for(hold)
     finally:
         del os.environ[HOLD_ENV]
@@ -307,7 +303,7 @@ def held_teach_run(cfg, hold: Path) -> tuple[Background, dict]:
 def assert_each_id_once(cfg, result: dict, held: dict) -> None:
     """Every prepared row is a target exactly once, including the rows of the lost batch."""
     import pyarrow.parquet as pq
-    from test_teacher import final_table
+    from builders import final_table
 
     want = pq.read_table(layout.prepared_dir(cfg) / "train").column("id").to_pylist()
     manifest, table = final_table(cfg)
@@ -397,18 +393,18 @@ class Load:
 @pytest.fixture
 def served(nodes, tiny_model_dir, tmp_path):
     """The raydapt app with 2 replicas; the proxy on the head node only (one port per machine)."""
+    from builders import free_port
     from ray import serve
-    from test_serve import _free_port
 
     from raydapt.config import job_from_dict
-    from raydapt.serve import run
+    from raydapt.pipeline import run_stage
 
-    port = _free_port()
+    port = free_port()
     cfg = job_from_dict({"output_dir": str(tmp_path), "serve": {
         "name": "tiny", "port": port, "proxy_location": "HeadOnly", "max_model_len": 128, "dtype": "float32", "min_replicas": 2,
         "max_replicas": 2, "cpus_per_replica": 1.0, "api_keys_env": "RAYDAPT_NO_KEYS_IN_THIS_TEST"}})
     try:
-        yield run(cfg, str(tiny_model_dir), block=False)
+        yield run_stage("serve", cfg, model_dir=str(tiny_model_dir), block=False)["url"]
     finally:
         serve.shutdown()
 

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydapt.pipeline import run_stage
-from raydapt.prepare import split_files
 from raydapt.config import job_from_dict
 from raydapt.errors import UserError
+from raydapt.pipeline import run_stage
+from raydapt.prepare import split_files
 from raydapt.storage import read_manifest
 
 

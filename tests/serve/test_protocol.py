@@ -1,8 +1,8 @@
 """Fast checks of the serve stage's pure parts: request validation, logprob layout, auth, adapters.
 
-No Ray, no engine: the end-to-end behaviour over HTTP is in tests/test_serve.py.
+No Ray, no engine: the end-to-end behaviour over HTTP is in tests/serve/test_serve_ray.py.
 
-    .venv/bin/python -m pytest tests/test_serve_protocol.py -q
+    .venv/bin/python -m pytest tests/serve/test_protocol.py -q
 """
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ def test_adapters_resolved_and_checked(tmp_path):
     (export / "config.json").write_text("{}")
     _fake_adapter(export / "adapter")
     spec = build_spec(job_from_dict({"name": "demo", "output_dir": str(out), "serve": {"api_keys_env": ""}}))
-    assert spec["name"] == "demo" and list(spec["adapters"]) == ["demo-lora"]
-    assert spec["engine"]["enable_lora"] and spec["engine"]["max_lora_rank"] == 16
+    assert spec.name == "demo" and list(spec.adapters) == ["demo-lora"]
+    assert spec.engine["enable_lora"] and spec.engine["max_lora_rank"] == 16
 
 
 def test_missing_model_is_a_user_error(tmp_path):
@@ -142,14 +142,14 @@ def test_missing_model_is_a_user_error(tmp_path):
         resolve_model_dir(job_from_dict({"serve": {"model": str(tmp_path / "nope")}}))
 
 
-def test_from_target(tmp_path):
-    from raydapt.serve import from_target
+def test_serve_takes_a_job_file_or_a_model_folder(tmp_path):
+    from raydapt.cli import _load, build_parser
 
     job = tmp_path / "j.yaml"
     job.write_text("serve:\n  port: 9001\n")
-    cfg, model_dir = from_target(str(job), ["serve.max_n=2"])
-    assert model_dir is None and cfg.serve.port == 9001 and cfg.serve.max_n == 2
-    cfg, model_dir = from_target(str(tmp_path), [])
-    assert model_dir == str(tmp_path) and cfg.serve.port == 8000
-    with pytest.raises(UserError):
-        from_target(str(tmp_path / "missing.yaml"))
+    cfg = _load(build_parser().parse_args(["serve", str(job), "serve.max_n=2"]))
+    assert cfg.serve.model == "" and cfg.serve.port == 9001 and cfg.serve.max_n == 2
+    cfg = _load(build_parser().parse_args(["serve", str(tmp_path)]))
+    assert cfg.serve.model == str(tmp_path) and cfg.serve.port == 8000
+    with pytest.raises(UserError, match="job file not found"):
+        _load(build_parser().parse_args(["serve", str(tmp_path / "missing.yaml")]))

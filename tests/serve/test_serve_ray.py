@@ -3,7 +3,7 @@
 One app per module (engine start ~35 s): a tiny Llama plus a PEFT LoRA adapter with random,
 non-zero lora_B, API keys on, and small overload limits so a burst meets Serve's backpressure.
 
-    .venv/bin/python -m pytest tests/test_serve.py -x -q
+    .venv/bin/python -m pytest tests/serve -x -q
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import math
 import os
-import socket
 import threading
 
 import pytest
+from builders import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +22,6 @@ KEY = "sk-test-raydapt-123"
 ADAPTER = "tiny-lora"
 ADAPTER2 = "tiny-lora-2"
 MAX_LEN = 128
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_adapter(model_dir, out, seed: int = 1):
@@ -52,7 +46,7 @@ def server(tiny_model_dir, tmp_path_factory, ray_session):
     from ray import serve
 
     from raydapt.config import job_from_dict
-    from raydapt.serve import run
+    from raydapt.pipeline import run_stage
 
     ray_session()
     adapter = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("lora") / "adapter")
@@ -60,11 +54,11 @@ def server(tiny_model_dir, tmp_path_factory, ray_session):
     os.environ["RAYDAPT_TEST_KEYS"] = f"other-key,{KEY}"
     cfg = job_from_dict({"output_dir": str(tmp_path_factory.mktemp("serve_out")), "serve": {
         "name": "tiny", "adapters": {ADAPTER: str(adapter), ADAPTER2: str(adapter2)},
-        "max_loras": 1, "port": _free_port(),
+        "max_loras": 1, "port": free_port(),
         "max_model_len": MAX_LEN, "dtype": "float32", "max_ongoing_requests": 8,
         "max_queued_requests": 4, "max_n": 4, "api_keys_env": "RAYDAPT_TEST_KEYS",
         "cpus_per_replica": 1.0}})
-    url = run(cfg, str(tiny_model_dir), block=False)
+    url = run_stage("serve", cfg, model_dir=str(tiny_model_dir), block=False)["url"]
     yield {"url": url, "model_dir": tiny_model_dir}
     serve.shutdown()
 

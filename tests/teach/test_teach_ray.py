@@ -1,7 +1,7 @@
 """The teacher stage: conversions, the HF reference pool, bad input, and (slow) real vLLM pools.
 
-    .venv/bin/python -m pytest tests/test_teacher.py -x -q            # all: 6 min on 2 busy cores
-    .venv/bin/python -m pytest tests/test_teacher.py -x -q -m "not slow"
+    .venv/bin/python -m pytest tests/teach -x -q            # all: 6 min on 2 busy cores
+    .venv/bin/python -m pytest tests/teach -x -q -m "not slow"
 
 The prepared folder is written here with pyarrow in the prepare stage's layout, so these
 tests do not depend on `raydapt prepare`. The slow tests start vLLM engines inside Ray
@@ -10,8 +10,6 @@ actors: one module-scoped fixture runs every pool once and the assertions share 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,85 +18,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from builders import K, final_table, run_teach
+from builders import teach_job as job
+from builders import write_teach_prepared as write_prepared
 
 from raydapt import layout
-from raydapt.config import job_from_dict
 from raydapt.errors import UserError
-from raydapt.storage import finish_manifest, read_manifest
-from raydapt.targets import PartStore, collate, decode_row_topk, read_targets
+from raydapt.rows import collate
+from raydapt.storage import read_manifest
+from raydapt.targets import PartStore, decode_row_topk
 from raydapt.teach import convert
-
-K = 8
-
+from raydapt.teach.hf_backend import HFBackend
+from raydapt.teach.spec import ActorSpec, Sampling
+from raydapt.teach.work import generate_batch
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def world_pairs(world_dir: Path, n: int) -> list[tuple[str, str]]:
-    out = []
-    for line in open(Path(world_dir) / "train.jsonl"):
-        row = json.loads(line)
-        if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-            out.append((row["prompt"], row["response"]))
-        if len(out) == n:
-            break
-    return out
-
-
-def write_prepared(out: Path, model_dir: Path, world_dir: Path, n_rows: int = 12, n_prompts: int = 4) -> Path:
-    """<out>/prepared with n_rows train rows and n_prompts prompts, tokenized by model_dir."""
-    from raydapt.models import load_tokenizer, tokenizer_hash
-
-    tok = load_tokenizer(model_dir)
-    pairs = world_pairs(world_dir, n_rows + n_prompts)
-    prepared = Path(out) / "prepared"
-    (prepared / "train").mkdir(parents=True, exist_ok=True)
-    (prepared / "prompts").mkdir(exist_ok=True)
-    seqs = [np.asarray(tok(p + r, add_special_tokens=False)["input_ids"][:64], np.int32) for p, r in pairs[:n_rows]]
-    masks = [np.r_[np.ones(len(s) - 1, np.uint8), np.zeros(1, np.uint8)] for s in seqs]
-    pq.write_table(pa.table({
-        "id": pa.array([_h(p + r) for p, r in pairs[:n_rows]], pa.string()),
-        "input_ids": pa.array(seqs, pa.list_(pa.int32())),
-        "loss_mask": pa.array(masks, pa.list_(pa.uint8())),
-        "label": pa.array([-1] * n_rows, pa.int32()),
-    }), prepared / "train" / "part-00000.parquet")
-    prompts = [p for p, _ in pairs[n_rows:]]
-    rendered = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts]
-    pq.write_table(pa.table({
-        "id": pa.array([_h(p) for p in prompts], pa.string()),
-        "prompt": pa.array(prompts, pa.string()),
-        "prompt_ids": pa.array([tok(t, add_special_tokens=False)["input_ids"] for t in rendered], pa.list_(pa.int32())),
-        "answer": pa.array([r for _, r in pairs[n_rows:]], pa.string()),
-    }), prepared / "prompts" / "part-00000.parquet")
-    finish_manifest(prepared, {
-        "fingerprint": "test", "seq_len": 64, "tokenizer_path": str(model_dir), "tokenizer_hash": tokenizer_hash(tok),
-        "pad_id": tok.pad_token_id, "vocab_size": len(tok), "rows": {"train": n_rows, "validation": 0},
-    })
-    return prepared
-
-
-def _h(s: str) -> str:
-    return hashlib.sha256(s.encode()).hexdigest()[:16]
-
-
-def job(out: Path, teacher: Path | str, **teach):
-    return job_from_dict({
-        "name": "t", "output_dir": str(out), "stages": ["teach"],
-        "teacher": {"path": str(teacher), "dtype": "float32"}, "student": {"path": str(teacher)},
-        "teach": {"batch_size": 4, "k": K, "max_model_len": 256, **teach},
-    })
-
-
-def final_table(cfg) -> tuple[dict, pa.Table]:
-    manifest, files = read_targets(layout.targets_dir(cfg))
-    return manifest, pa.concat_tables([pq.read_table(f) for f in files])
-
-
 def hf_reference(model_dir: Path, seqs: list[np.ndarray], k: int = K):
-    from raydapt.teach.hf_backend import HFBackend
-
-    return HFBackend({"model": str(model_dir), "dtype": "float32", "k": k}).score(seqs)
+    return HFBackend(ActorSpec(model=str(model_dir), dtype="float32", k=k)).score(seqs)
 
 
 def rows_of(table: pa.Table, col: str = "input_ids") -> list[np.ndarray]:
@@ -175,12 +113,10 @@ def test_response_mask_ids_and_seeds():
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory, tiny_model_dir, world_dir, ray_session):
     ray_session()
-    from raydapt.teach import run
-
     out = tmp_path_factory.mktemp("teach_hf")
     write_prepared(out, tiny_model_dir, world_dir)
     cfg = job(out, tiny_model_dir, backend="hf")
-    return cfg, run(cfg)
+    return cfg, run_teach(cfg)
 
 
 @pytest.mark.slow
@@ -204,10 +140,8 @@ def test_hf_pool_writes_targets_with_lineage(hf_run, tiny_model_dir):
 
 @pytest.mark.slow
 def test_rerun_is_up_to_date(hf_run, capsys):
-    from raydapt.teach import run
-
     cfg, _ = hf_run
-    assert run(cfg)["skipped"] is True
+    assert run_teach(cfg)["skipped"] is True
     assert "up to date" in capsys.readouterr().out
 
 
@@ -215,53 +149,49 @@ def test_rerun_is_up_to_date(hf_run, capsys):
 def test_round_trip_through_the_trainer_reader(hf_run):
     cfg, _ = hf_run
     _, table = final_table(cfg)
-    rows = table.slice(0, 3).to_pydict()
-    batch = collate(rows, seq_len=80, pad_id=0)
-    assert batch["topk_ids"].shape == (3, 80, K)
+    batch = {k: v.numpy() for k, v in collate(table, np.arange(3), pad_id=0).items()}
+    longest = max(len(x) for x in table.column("input_ids").to_pylist()[:3])
+    assert batch["topk_ids"].shape == (3, longest, K)
     for i in range(3):
         ids, lps = decode_row_topk(table, i)
         n = len(ids)
         assert (batch["topk_ids"][i, :n] == ids).all()
         np.testing.assert_array_equal(batch["topk_logprobs"][i, :n], lps)
-        assert batch["input_ids"][i, :n].tolist() == rows["input_ids"][i]
-        assert batch["loss_mask"][i, n:].sum() == 0
+        assert batch["input_ids"][i, :n].tolist() == table.column("input_ids")[i].as_py()
+        assert batch["loss_mask"][i, n - 1:].sum() == 0  # the last token predicts nothing
+        assert (batch["topk_logprobs"][i, n:, 1:] == -np.inf).all()  # padding: all mass on slot 0
 
 
 @pytest.mark.slow
 def test_parts_removed_during_a_run_are_not_finalized(tiny_model_dir, world_dir, tmp_path, monkeypatch, ray_session):
     """A part deleted from outside while the pool runs (a second run on the same output_dir):
     the stage refuses to finalize a targets folder that lacks rows, and a rerun fills the gap."""
-    import raydapt.teach.pool as pool
-    from raydapt.teach import run
-
+    import raydapt.teach.stage as stage
     ray_session()
     write_prepared(tmp_path, tiny_model_dir, world_dir)
     cfg = job(tmp_path, tiny_model_dir, backend="hf")
-    real = pool.run_pool
+    real = stage.run_pool
 
     def run_then_lose_a_part(rows, spec, tcfg):
         stats = real(rows, spec, tcfg)
-        PartStore(spec["final"]).files()[0].unlink()
+        PartStore(spec.final).files()[0].unlink()
         return stats
 
-    monkeypatch.setattr(pool, "run_pool", run_then_lose_a_part)
+    monkeypatch.setattr(stage, "run_pool", run_then_lose_a_part)
     with pytest.raises(UserError, match=r"rows have no targets part .* changed from outside"):
-        run(cfg)
+        run_teach(cfg)
     assert read_manifest(layout.targets_dir(cfg)) is None
-    monkeypatch.setattr(pool, "run_pool", real)
-    again = run(cfg)
+    monkeypatch.setattr(stage, "run_pool", real)
+    again = run_teach(cfg)
     assert again["rows"] == 12 and again["computed_rows"] == 4 and again["already_done"] == 8
 
 
 def test_hf_generate_is_reproducible_and_aligned(tiny_model_dir, world_dir, tmp_path):
-    from raydapt.teach.hf_backend import HFBackend
-    from raydapt.teach.work import generate_batch
-
     prepared = write_prepared(tmp_path, tiny_model_dir, world_dir, n_rows=2, n_prompts=3)
     batch = pq.read_table(prepared / "prompts")
-    spec = {"kind": "generate+score", "k": K, "id_dtype": "uint16", "same_tokenizer": True, "seed": 3,
-            "gen": {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_tokens": 6, "stop": []}}
-    backend = HFBackend({"model": str(tiny_model_dir), "dtype": "float32", "k": K})
+    spec = ActorSpec(model=str(tiny_model_dir), dtype="float32", kind="generate+score", k=K, id_dtype="uint16",
+                     same_tokenizer=True, seed=3, gen=Sampling(n=2, temperature=1.0, max_tokens=6))
+    backend = HFBackend(spec)
     a, b = generate_batch(backend, batch, spec), generate_batch(backend, batch, spec)
     assert a.num_rows == 6 and a.column("response_ids").to_pylist() == b.column("response_ids").to_pylist()
     assert len(set(a.column("id").to_pylist())) == 6
@@ -282,15 +212,13 @@ def other_model(world_dir, tmp_path_factory):
 
 def test_generate_with_another_tokenizer_retokenizes_for_the_student(tiny_model_dir, other_model, world_dir, tmp_path):
     from raydapt.models import load_tokenizer
-    from raydapt.teach.hf_backend import HFBackend
-    from raydapt.teach.work import generate_batch
 
     prepared = write_prepared(tmp_path, tiny_model_dir, world_dir, n_rows=2, n_prompts=2)
     batch = pq.read_table(prepared / "prompts")
     student = load_tokenizer(tiny_model_dir)
-    spec = {"kind": "generate", "k": K, "id_dtype": "uint16", "same_tokenizer": False, "seed": 0,
-            "gen": {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_tokens": 8, "stop": []}}
-    table = generate_batch(HFBackend({"model": str(other_model), "dtype": "float32", "k": K}), batch, spec, student)
+    spec = ActorSpec(model=str(other_model), dtype="float32", kind="generate", k=K, id_dtype="uint16",
+                     same_tokenizer=False, seed=0, gen=Sampling(n=1, temperature=1.0, max_tokens=8))
+    table = generate_batch(HFBackend(spec), batch, spec, student)
     assert "topk_ids" not in table.column_names and table.num_rows == 2
     for r, p_ids in zip(table.to_pylist(), batch.column("prompt_ids").to_pylist(), strict=True):
         assert r["prompt_ids"] == p_ids  # the student's prompt tokens, not the teacher's
@@ -304,23 +232,21 @@ def test_generate_with_another_tokenizer_retokenizes_for_the_student(tiny_model_
 @pytest.mark.slow
 def test_bad_input_battery(hf_run, tiny_model_dir, other_model, world_dir, tmp_path):
     """Every bad input is a UserError before an engine starts, and staged parts survive it."""
-    from raydapt.teach import run
-
     cfg, _ = hf_run
     out = cfg.out
     with pytest.raises(UserError, match="teach.k=500"):
-        run(job(out, tiny_model_dir, k=500))
+        run_teach(job(out, tiny_model_dir, k=500))
     with pytest.raises(UserError, match="does not exist"):
-        run(job(out, tmp_path / "no-such-teacher"))
+        run_teach(job(out, tmp_path / "no-such-teacher"))
     with pytest.raises(UserError, match=r"longer than the engine context .*id \w+ with \d+ tokens"):
-        run(job(out, tiny_model_dir, max_model_len=16))
+        run_teach(job(out, tiny_model_dir, max_model_len=16))
     with pytest.raises(UserError, match=r"(?s)share a tokenizer.*other.*prepared data"):
-        run(job(out, other_model))
+        run_teach(job(out, other_model))
     empty = tmp_path / "empty"
     prepared = write_prepared(empty, tiny_model_dir, world_dir, n_rows=2, n_prompts=1)
     pq.write_table(pq.read_table(prepared / "prompts").slice(0, 0), prepared / "prompts" / "part-00000.parquet")
     with pytest.raises(UserError, match="no prompts"):
-        run(job(empty, tiny_model_dir, kind="generate"))
+        run_teach(job(empty, tiny_model_dir, kind="generate"))
     # the CLI turns it into exit code 2
     import yaml
 
@@ -334,7 +260,7 @@ def test_bad_input_battery(hf_run, tiny_model_dir, other_model, world_dir, tmp_p
     store = PartStore(layout.targets_dir(cfg))
     store.write(pq.read_table(next(layout.targets_dir(cfg).glob("*.parquet"))).slice(0, 2))
     with pytest.raises(UserError):
-        run(job(out, tiny_model_dir, max_model_len=16))
+        run_teach(job(out, tiny_model_dir, max_model_len=16))
     assert len(store.done_ids()) == 2
 
 
@@ -349,7 +275,7 @@ def _vllm_score_in_actor(ray, model_dir: Path, seqs: list[np.ndarray]):
         def score(self, model: str, seqs: list) -> list:
             from raydapt.teach.vllm_backend import VLLMBackend
 
-            return VLLMBackend({"model": model, "dtype": "float32", "max_model_len": 256, "k": K}).score(seqs)
+            return VLLMBackend(ActorSpec(model=model, dtype="float32", max_model_len=256, k=K)).score(seqs)
 
     actor = Scorer.remote()
     return actor, actor.score.remote(str(model_dir), seqs)
@@ -360,7 +286,6 @@ def vllm_runs(tmp_path_factory, tiny_model_dir, world_dir, ray_session):
     """Every vLLM run the assertions need, each once (engine starts dominate the time):
     a 2-actor score pool; a 1-actor generate+score pool crashed after one part, then rerun;
     and, beside the crash run, one engine's raw fp32 scores (parity, 1-engine reference)."""
-    from raydapt.teach import run
     from raydapt.teach.pool import FAIL_AFTER_ENV
 
     ray = ray_session()
@@ -370,18 +295,18 @@ def vllm_runs(tmp_path_factory, tiny_model_dir, world_dir, ray_session):
         write_prepared(base / name, tiny_model_dir, world_dir)
     seqs = rows_of(pq.read_table(base / "two" / "prepared" / "train"))
     res["two_cfg"] = job(base / "two", tiny_model_dir, min_actors=2, max_actors=2, batch_size=2)
-    res["two"] = run(res["two_cfg"])
+    res["two"] = run_teach(res["two_cfg"])
     scorer, raw = _vllm_score_in_actor(ray, tiny_model_dir, seqs)
     res["gen_cfg"] = cfg = job(base / "gen", tiny_model_dir, kind="generate+score", n=2, max_tokens=12, seed=7,
                                batch_size=1)
     os.environ[FAIL_AFTER_ENV] = "1"
     try:
         with pytest.raises(Exception, match="simulated crash"):
-            run(cfg)
+            run_teach(cfg)
     finally:
         del os.environ[FAIL_AFTER_ENV]
     res["staged"] = PartStore(layout.targets_dir(cfg)).done_ids()
-    res["gen"] = run(cfg)
+    res["gen"] = run_teach(cfg)
     res["raw"], res["seqs"] = ray.get(raw), seqs
     ray.kill(scorer)
     return res

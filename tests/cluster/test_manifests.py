@@ -1,12 +1,13 @@
 """cluster/: KubeRay and cluster-launcher manifests parse, carry required fields and match the pins."""
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 
 
@@ -17,6 +18,22 @@ def ray_pin() -> str:
 
 def load(name):
     return yaml.safe_load((CLUSTER / name).read_text())
+
+
+AUTH_SECRET = "raydapt-ray-auth"
+
+
+def env_vars(obj):
+    """Every container env entry anywhere in a manifest."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "env" and isinstance(v, list):
+                yield from v
+            else:
+                yield from env_vars(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from env_vars(v)
 
 
 def images(obj):
@@ -44,6 +61,15 @@ def test_kuberay_manifest(name, kind):
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         res = group["template"]["spec"]["containers"][0]["resources"]
         assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"]
+    # token authentication on, the token from a Secret the operator does not generate per cluster
+    auth = cluster["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"] == AUTH_SECRET, auth
+    assert f"kubectl create secret generic {AUTH_SECRET} --from-literal=auth_token=" in (CLUSTER / name).read_text()
+    # nothing turns it off again or puts a token in the manifest itself
+    for env in env_vars(doc):
+        assert not (env["name"] == "RAY_AUTH_MODE" and env.get("value") != "token"), env
+        assert not (env["name"] == "RAY_AUTH_TOKEN" and "value" in env), "a token in plain text"
+    assert "RAY_AUTH_MODE" not in json.dumps(cluster.get("headGroupSpec", {}).get("rayStartParams", {}))
     imgs = list(images(doc))
     assert imgs and all(f"ray{ray_pin()}" in i for i in imgs), imgs
     if kind == "RayJob":
@@ -77,6 +103,12 @@ def test_launcher_yaml():
         assert key in doc, key
     assert doc["head_node_type"] in doc["available_node_types"]
     assert f"ray{ray_pin()}" in doc["docker"]["image"]
+    # token authentication on every node, the token copied in from a file (not in the YAML)
+    opts = doc["docker"]["run_options"]
+    assert "--env RAY_AUTH_MODE=token" in opts, opts
+    path = next(o.split("=", 1)[1] for o in opts if o.startswith("--env RAY_AUTH_TOKEN_PATH="))
+    assert path in doc["file_mounts"], doc["file_mounts"]
+    assert not any("RAY_AUTH_TOKEN=" in o for o in opts)
 
 
 def test_dockerfile_base_matches_pin():

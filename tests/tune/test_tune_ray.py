@@ -1,10 +1,12 @@
 """`raydapt tune`: a real Ray Tune sweep of real Train V2 trials on a tiny world.
 
-One module-scoped sweep (4 trials, ASHA, 20 steps each) is run twice: first with trial 0
-made to fail after step 4 (RAYDAPT_TUNE_FAIL), then again, which must restore the
-experiment, resume only that trial from its step-4 checkpoint and leave the others alone.
+One module-scoped sweep (4 trials, ASHA, 20 steps each) is run through
+`pipeline.run_stage("tune", job)` twice: first with trial 0 made to fail after step 4
+(RAYDAPT_TUNE_FAIL), which must leave no manifest, then again, which must restore the
+experiment, resume only that trial from its step-4 checkpoint, leave the others alone and
+write the manifest; a third call is then skipped as up to date.
 
-    .venv/bin/python -m pytest tests/test_tune.py -x -q
+    .venv/bin/python -m pytest tests/tune/test_tune_ray.py -x -q
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydapt import layout
+from raydapt import layout, pipeline
 from raydapt.config import ConfigError, job_from_dict
+from raydapt.errors import UserError
 
 TRAIN = {"max_steps": 20, "eval_every": 5, "checkpoint_every": 2, "log_every": 5, "batch_size": 4,
          "warmup_steps": 1, "num_workers": 1, "cpus_per_worker": 0.5}
@@ -46,24 +49,25 @@ def _trial_files(tune_dir: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, ray_session):
-    import raydapt.prepare.stage
     import raydapt.tune
 
     ray_session()
     out = tmp_path_factory.mktemp("tune")
     cfg = job_from_dict(_job(out))
-    raydapt.prepare.stage.run(cfg)
+    pipeline.run_stage("prepare", cfg)
     before = _snapshot(out, "tune")
     os.environ[raydapt.tune.FAIL_ENV] = "0:4"
     try:
-        first = raydapt.tune.run(cfg)
+        first = pipeline.run_stage("tune", cfg)
     finally:
         del os.environ[raydapt.tune.FAIL_ENV]
+    manifest_first = (layout.tune_dir(cfg) / "manifest.json").exists()
     files_first = _trial_files(layout.tune_dir(cfg))
-    second = raydapt.tune.run(cfg)
+    second = pipeline.run_stage("tune", cfg)
     files_second = _trial_files(layout.tune_dir(cfg))
-    return {"cfg": cfg, "out": out, "before": before, "first": first, "second": second,
-            "files_first": files_first, "files_second": files_second}
+    third = pipeline.run_stage("tune", cfg)
+    return {"cfg": cfg, "out": out, "before": before, "first": first, "second": second, "third": third,
+            "manifest_first": manifest_first, "files_first": files_first, "files_second": files_second}
 
 
 @pytest.mark.slow
@@ -84,6 +88,14 @@ def test_asha_sweep_outputs(sweep):
     assert (tdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     cmd = (tdir / "serve_command.txt").read_text().strip()
     assert cmd == f"raydapt serve {(tdir / 'best').resolve()}"
+    # a failed sweep leaves no manifest; a finished one records the fingerprint, and is skipped
+    import raydapt.tune
+
+    assert sweep["first"]["failed"] and not sweep["manifest_first"]
+    manifest = json.loads((tdir / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["fingerprint"] == raydapt.tune.fingerprint(raydapt.tune.plan(sweep["cfg"]))
+    assert s["fingerprint"] == manifest["fingerprint"] and (tdir / manifest["experiment"]).is_dir()
+    assert sweep["third"]["skipped"] and sweep["third"]["best_trial"] == s["best_trial"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tdir / "best")
@@ -118,7 +130,7 @@ def test_trials_share_prepared_inputs(sweep):
     tdir = layout.tune_dir(cfg)
     names = {p.name for p in tdir.rglob("*") if p.is_dir()}
     assert not names & {"prepared", "targets", "corpus", "models"}
-    inputs = [json.loads(p.read_text()) for p in sorted(tdir.glob("trials/*/inputs.json"))]
+    inputs = [json.loads(p.read_text()) for p in sorted(tdir.glob("trials/*/trial.json"))]
     assert len(inputs) == 4
     prepared = str(layout.prepared_dir(cfg).resolve())
     assert all(i["files"] == inputs[0]["files"] for i in inputs)
@@ -145,7 +157,7 @@ def test_invalid_space_value_named_before_any_trial(tmp_path):
     cfg = job_from_dict(_job(tmp_path, space={"train.mode": {"choice": ["full", "bogus"]},
                                               "train.batch_size": {"randint": [0, 4]}}))
     with pytest.raises(ConfigError) as e:
-        raydapt.tune.run(cfg)  # no prepared data here: the space error must come first
+        raydapt.tune.plan(cfg)  # no prepared data here: the space error must come first
     msg = str(e.value)
     assert "tune.space.train.mode: value 'bogus'" in msg and "tune.space.train.batch_size: value 0" in msg
     assert not layout.tune_dir(cfg).exists()
@@ -157,7 +169,7 @@ def test_pbt_refuses_shape_keys_clearly(tmp_path):
     cfg = job_from_dict(_job(tmp_path, scheduler="pbt", space={"train.lora_r": {"choice": [4, 8]},
                                                                "train.lr": {"loguniform": [1e-4, 1e-2]}}))
     with pytest.raises(ConfigError) as e:
-        raydapt.tune.run(cfg)
+        raydapt.tune.plan(cfg)
     msg = str(e.value)
     assert "tune.space.train.lora_r: PBT" in msg and "train.lr" not in msg.split("lora_r", 1)[0]
     assert not layout.tune_dir(cfg).exists()
@@ -165,10 +177,9 @@ def test_pbt_refuses_shape_keys_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
-    """Real PBT: the weak trial (lr 1e-6) must continue from the strong trial's checkpoint,
-    with a mutated lr that the loop really trains with (not the checkpoint's old schedule)."""
-    import raydapt.prepare.stage
-    import raydapt.tune
+    """Real PBT (Ray's defaults: every report must carry step and val_loss): the weak trial
+    (lr 1e-6) must continue from the strong trial's checkpoint, with a mutated lr that the loop
+    really trains with (not the checkpoint's old schedule)."""
     from raydapt.train.loop import lr_factor
 
     ray_session()
@@ -177,8 +188,8 @@ def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
     job = {**_job(tmp_path, search="grid", scheduler="pbt", num_samples=1,
                   space={"train.lr": {"grid": [1e-2, 1e-6]}}), "train": train}
     cfg = job_from_dict(job)
-    raydapt.prepare.stage.run(cfg)
-    s = raydapt.tune.run(cfg)
+    pipeline.run_stage("prepare", cfg)
+    s = pipeline.run_stage("tune", cfg)
     tdir = layout.tune_dir(cfg) / "trials"
     starts = {p.parent.name: [json.loads(x) for x in p.read_text().splitlines()] for p in tdir.glob("*/starts.jsonl")}
     assert len(starts) == 2, starts
@@ -222,17 +233,15 @@ def test_space_forms():
 
 @pytest.mark.slow
 def test_optuna_tpe_sweep(tmp_path, ray_session):
-    """A real Optuna TPE sweep: log-step reports lack val_loss, and must not break the searcher."""
-    import raydapt.prepare.stage
-    import raydapt.tune
-
+    """A real sweep with Ray's plain OptunaSearch, which reads the metric from every report:
+    with checkpoints at other steps than evaluations, each report still carries val_loss."""
     ray_session()
-    train = {**TRAIN, "max_steps": 6, "eval_every": 3, "checkpoint_every": 3, "log_every": 1}
+    train = {**TRAIN, "max_steps": 6, "eval_every": 3, "checkpoint_every": 2, "log_every": 1}
     job = {**_job(tmp_path, search="optuna", scheduler="fifo", num_samples=2,
                   space={"train.lr": {"loguniform": [1e-3, 1e-2]}}), "train": train}
     cfg = job_from_dict(job)
-    raydapt.prepare.stage.run(cfg)
-    s = raydapt.tune.run(cfg)
+    pipeline.run_stage("prepare", cfg)
+    s = pipeline.run_stage("tune", cfg)
     rows = s["rows"]
     assert not s["failed"] and len(rows) == 2, rows
     assert all(r["status"] == "done" and r["steps"] == 6 for r in rows), rows
@@ -243,3 +252,15 @@ def test_optuna_tpe_sweep(tmp_path, ray_session):
     assert list(layout.tune_dir(cfg).glob("sweep-*/searcher-state-*.pkl"))
 
 
+@pytest.mark.slow
+def test_metric_the_trials_do_not_report_is_refused(sweep):
+    """tune.plan checks tune.metric against what every trial report carries (val_acc: only a
+    classification head reports it), before any trial starts."""
+    import dataclasses
+
+    import raydapt.tune
+
+    cfg = sweep["cfg"]
+    bad = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, metric="val_acc"))
+    with pytest.raises(UserError, match="do not report 'val_acc'.*val_loss"):
+        raydapt.tune.plan(bad)

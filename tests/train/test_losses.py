@@ -1,6 +1,6 @@
 """Tests for raydapt.train.losses against plain dense references written out below.
 
-Run: .venv/bin/python -m pytest tests/test_losses.py -q   (pure torch, no Ray, a few seconds)
+Run: .venv/bin/python -m pytest tests/train/test_losses.py -q   (pure torch, no Ray, a few seconds)
 """
 
 from __future__ import annotations

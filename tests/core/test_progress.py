@@ -1,0 +1,25 @@
+"""Progress lines off a terminal: periodic, with counts, rate, ETA and a final line."""
+
+import io
+
+from raydapt.progress import Progress
+
+
+def test_lines_off_a_tty_are_periodic_and_end_with_a_total():
+    out = io.StringIO()
+    with Progress("teach", total=10, unit="rows", every_s=0.0, stream=out) as bar:
+        for _ in range(4):
+            bar.update(2, loss=0.5)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[teach] 2/10 rows (20%)") and "eta" in lines[0] and "loss 0.5" in lines[0]
+    assert lines[-1].startswith("[teach] 8/10 rows (80%) in ") and "eta" not in lines[-1]
+    assert len(lines) == 5  # four updates, one final line
+
+
+def test_quiet_between_intervals():
+    out = io.StringIO()
+    with Progress("prepare", unit="docs", every_s=3600, stream=out) as bar:
+        for _ in range(100):
+            bar.update()
+    lines = out.getvalue().splitlines()
+    assert lines == [lines[-1]] and lines[0].startswith("[prepare] 100 docs in ")
