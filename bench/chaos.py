@@ -40,19 +40,39 @@ sys.path.insert(0, str(ROOT))
 
 JOB = ROOT / "jobs" / "demo.yaml"
 HOLD = (8, 20)  # train steps after which rank 1 is killed, then rank 0's node removed
-FAULT_TOLERANT = ["stages=[prepare,teach,train]", "teach.min_actors=1", "teach.max_actors=2",
-                  "train.num_workers=2", "train.cpus_per_worker=1", "train.placement_strategy=SPREAD",
-                  "train.max_failures=3", "train.checkpoint_every=5"]
-QUICK = ["corpus.world_train=400", "corpus.world_heldout=20", "corpus.world_markov_docs=100",
-         "teach.batch_size=16", "train.max_steps=30", "train.warmup_steps=5", "train.eval_every=15"]
+FAULT_TOLERANT = [
+    "stages=[prepare,teach,train]",
+    "teach.min_actors=1",
+    "teach.max_actors=2",
+    "train.num_workers=2",
+    "train.cpus_per_worker=1",
+    "train.placement_strategy=SPREAD",
+    "train.max_failures=3",
+    "train.checkpoint_every=5",
+]
+QUICK = [
+    "corpus.world_train=400",
+    "corpus.world_heldout=20",
+    "corpus.world_markov_docs=100",
+    "teach.batch_size=16",
+    "train.max_steps=30",
+    "train.warmup_steps=5",
+    "train.eval_every=15",
+]
 WORKER_NODE = {"num_cpus": 2, "object_store_memory": 300 * 2**20, "resources": {"worker_node": 1}}
 
 
 def start_cluster():
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 400 * 2**20, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": 400 * 2**20,
+            "include_dashboard": False,
+        },
+    )
     for _ in range(2):
         cluster.add_node(**WORKER_NODE)
     cluster.wait_for_nodes()
@@ -74,7 +94,10 @@ def inject(cluster, hold: Path, proc: subprocess.Popen, log: list[str]) -> None:
     teacher = wait_json(hold / "teach", proc)
     if teacher:
         os.kill(teacher["pid"], signal.SIGKILL)
-        log.append(f"teach: SIGKILL teacher actor pid {teacher['pid']} after it wrote {Path(teacher['part']).name}")
+        log.append(
+            f"teach: SIGKILL teacher actor pid {teacher['pid']} after it wrote "
+            f"{Path(teacher['part']).name}"
+        )
     ranks = [wait_json(hold / f"train.s{HOLD[0]}.rank{r}", proc) for r in (0, 1)]
     if all(ranks):
         os.kill(ranks[1]["pid"], signal.SIGKILL)
@@ -86,7 +109,9 @@ def inject(cluster, hold: Path, proc: subprocess.Popen, log: list[str]) -> None:
             cluster.remove_node(node, allow_graceful=False)
             # the run finishes on the node left (no node is added back: Ray's Node must be
             # built in the main thread)
-            log.append(f"train: removed node {ranks[0]['node_id'][:8]} (rank 0) after step {HOLD[1]}")
+            log.append(
+                f"train: removed node {ranks[0]['node_id'][:8]} (rank 0) after step {HOLD[1]}"
+            )
 
 
 def run_job(cluster, out: Path, overrides: list[str], faults: bool) -> dict:
@@ -95,8 +120,11 @@ def run_job(cluster, out: Path, overrides: list[str], faults: bool) -> dict:
     hold = out / "hold"
     if faults:
         hold.mkdir(parents=True, exist_ok=True)
-        env |= {"RAYDAPT_TEACH_HOLD_FILE": str(hold / "teach"), "RAYDAPT_HOLD_AT_STEP": ",".join(map(str, HOLD)),
-                "RAYDAPT_HOLD_FILE": str(hold / "train")}
+        env |= {
+            "RAYDAPT_TEACH_HOLD_FILE": str(hold / "teach"),
+            "RAYDAPT_HOLD_AT_STEP": ",".join(map(str, HOLD)),
+            "RAYDAPT_HOLD_FILE": str(hold / "train"),
+        }
     cmd = [sys.executable, "-m", "raydapt", "run", str(JOB), f"output_dir={out}", *overrides]
     t0 = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as logf:
@@ -121,7 +149,9 @@ def outcome(out: Path, overrides: list[str]) -> dict:
     from raydapt.targets import read_targets
 
     cfg = load_job(JOB, [f"output_dir={out}", *overrides])
-    want = pq.read_table(layout.prepared_dir(cfg) / "train", columns=["id"]).column("id").to_pylist()
+    want = (
+        pq.read_table(layout.prepared_dir(cfg) / "train", columns=["id"]).column("id").to_pylist()
+    )
     try:
         _, files = read_targets(layout.targets_dir(cfg))
         got = [x for f in files for x in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
@@ -130,8 +160,13 @@ def outcome(out: Path, overrides: list[str]) -> dict:
     metrics = layout.train_dir(cfg) / "metrics.jsonl"
     lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
     final = {x["step"]: x for x in lines}.get(cfg.train.max_steps, {})
-    return {"rows": len(want), "lost": len(set(want) - set(got)), "duplicated": len(got) - len(set(got)),
-            "loss": final.get("loss"), "val_loss": final.get("val_loss")}
+    return {
+        "rows": len(want),
+        "lost": len(set(want) - set(got)),
+        "duplicated": len(got) - len(set(got)),
+        "loss": final.get("loss"),
+        "val_loss": final.get("val_loss"),
+    }
 
 
 def main() -> None:
@@ -156,19 +191,32 @@ def main() -> None:
 
 def report(base: dict, chaos: dict) -> None:
     ok = chaos["rc"] == 0 and chaos["lost"] == 0 and chaos["duplicated"] == 0
-    dloss = (abs(chaos["loss"] - base["loss"]) if chaos["loss"] is not None and base["loss"] is not None
-             else float("nan"))
+    dloss = (
+        abs(chaos["loss"] - base["loss"])
+        if chaos["loss"] is not None and base["loss"] is not None
+        else float("nan")
+    )
     print("\nfaults injected:")
     for f in chaos["faults"]:
         print(f"  - {f}")
-    print(f"faults injected: {len(chaos['faults'])}; faults survived: {len(chaos['faults']) if ok else 0}")
-    print(f"target rows: {chaos['rows']}; lost {chaos['lost']}, duplicated {chaos['duplicated']} "
-          f"(baseline: lost {base['lost']}, duplicated {base['duplicated']})")
-    print(f"final train loss: {chaos['loss']} vs baseline {base['loss']} (|diff| {dloss:.2e}); "
-          f"val_loss {chaos['val_loss']} vs {base['val_loss']}")
-    print(f"wall time: {chaos['seconds']:.0f} s with faults vs {base['seconds']:.0f} s without "
-          f"(+{chaos['seconds'] - base['seconds']:.0f} s, x{chaos['seconds'] / base['seconds']:.2f}); "
-          f"exit codes {chaos['rc']} / {base['rc']}")
+    print(
+        f"faults injected: {len(chaos['faults'])}; "
+        f"faults survived: {len(chaos['faults']) if ok else 0}"
+    )
+    print(
+        f"target rows: {chaos['rows']}; lost {chaos['lost']}, duplicated {chaos['duplicated']} "
+        f"(baseline: lost {base['lost']}, duplicated {base['duplicated']})"
+    )
+    print(
+        f"final train loss: {chaos['loss']} vs baseline {base['loss']} (|diff| {dloss:.2e}); "
+        f"val_loss {chaos['val_loss']} vs {base['val_loss']}"
+    )
+    print(
+        f"wall time: {chaos['seconds']:.0f} s with faults vs {base['seconds']:.0f} s without "
+        f"(+{chaos['seconds'] - base['seconds']:.0f} s, "
+        f"x{chaos['seconds'] / base['seconds']:.2f}); "
+        f"exit codes {chaos['rc']} / {base['rc']}"
+    )
 
 
 if __name__ == "__main__":

@@ -73,28 +73,27 @@ def _inputs(a: argparse.Namespace, device: str) -> dict[str, torch.Tensor]:
 
 def _loss(name: str, x: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
     h, w, m = x["h"], x["w"], x["mask"]
+    kd_args = L.KD("forward_kl", chunk=None if name == "kd_naive" else chunk)
     if name in ("ce_logits", "topk_ce_logits"):
         logits = h @ w.T  # (B, T, V)
         ce = L.ce_loss(logits, x["ids"], m)
         if name == "ce_logits":
             return ce
-        kd = L.topk_kd_loss(logits, x["topk_ids"], x["topk_lp"], m, "forward_kl", chunk=chunk)
+        kd = L.topk_kd_loss(logits, x["topk_ids"], x["topk_lp"], m, kd_args)
         return L.distill_loss(kd, ce, 0.5)[0]
     if name == "ce_hidden":
         return L.chunked_ce_from_hidden(h, w, x["ids"], m, chunk=chunk)
     if name == "topk_ce_hidden":
         kd, ce = L.chunked_distill_from_hidden(
-            h, w, x["ids"], m, x["topk_ids"], x["topk_lp"], "forward_kl", chunk=chunk
+            h, w, x["ids"], m, x["topk_ids"], x["topk_lp"], kd_args
         )
         return L.distill_loss(kd, ce, 0.5)[0]
     if name == "kd_hidden":
-        return L.chunked_kd_from_hidden(h, w, x["th"], x["tw"], m, "forward_kl", chunk=chunk)
+        return L.chunked_kd_from_hidden(h, w, x["th"], x["tw"], m, kd_args)
     with torch.no_grad():
         t_logits = x["th"] @ x["tw"].T  # (B, T, V), frozen teacher
     s_logits = h @ w.T  # (B, T, V)
-    return L.full_kd_loss(
-        s_logits, t_logits, m, "forward_kl", chunk=None if name == "kd_naive" else chunk
-    )
+    return L.full_kd_loss(s_logits, t_logits, m, kd_args)
 
 
 def _rss_mib(peak: bool = True) -> float:

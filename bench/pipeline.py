@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default="", help="output folder (default: a new temporary one)")
     ap.add_argument("overrides", nargs="*", help="job overrides passed to `raydapt demo`")
     args = ap.parse_args()
@@ -34,7 +36,9 @@ def main() -> int:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "raydapt", "demo", f"output_dir={out}", *args.overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -45,14 +49,19 @@ def main() -> int:
     print(f"raydapt demo stages, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, output {out}")
     print(f"{'stage':<16} {'seconds':>8} {'share':>7}")
     order = ["prepare", "teacher train", "teach", "kd train", "ce train", "eval", "serve + ask"]
-    for stage, sec in sorted(t.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
+    for stage, sec in sorted(
+        t.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99
+    ):
         print(f"{stage:<16} {sec:>8.1f} {sec / total:>7.1%}")
     print(f"{'total':<16} {total:>8.1f}   (process wall {wall:.1f} s, Ray start-up included)")
     busy = (pool.get("pool") or {}).get("busy_s")
     if busy and pool.get("seconds"):
         share = 1 - busy / pool["seconds"]
-        print(f"teacher stage: {pool['computed_rows']} rows in {pool['seconds']:.1f} s, {busy:.1f} s inside "
-              f"actor batches; overhead outside the engine's batches {share:.1%}")
+        print(
+            f"teacher stage: {pool['computed_rows']} rows in {pool['seconds']:.1f} s, "
+            f"{busy:.1f} s inside "
+            f"actor batches; overhead outside the engine's batches {share:.1%}"
+        )
     return 0
 
 

@@ -75,7 +75,9 @@ def baseline(cfg, model_dir: Path, path: Path, out: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--mb", type=float, default=50.0)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
@@ -85,12 +87,15 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     try:
         path = make_corpus(root, args.mb)
-        cfg = job_from_dict({
-            "output_dir": str(root / "run"),
-            "corpus": {"source": "files", "paths": [str(path)]},
-            "student": {"preset": "tiny"}, "teacher": {"preset": ""},
-            "prepare": {"seq_len": 256, "workers": args.workers},
-        })
+        cfg = job_from_dict(
+            {
+                "output_dir": str(root / "run"),
+                "corpus": {"source": "files", "paths": [str(path)]},
+                "student": {"preset": "tiny"},
+                "teacher": {"preset": ""},
+                "prepare": {"seq_len": 256, "workers": args.workers},
+            }
+        )
         ray.init(num_cpus=8, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         materialize(cfg)  # the preset student's tokenizer, built once
@@ -109,9 +114,15 @@ def main() -> None:
             dt = time.perf_counter() - t0
             assert stats["rows"] == m["rows"], (stats["rows"], m["rows"])  # same work, same output
             base_tps.append(sum(stats["tokens"].values()) / dt)
-            print(f"run {r}: raydapt {ray_tps[-1]:,.0f} tok/s, single process {base_tps[-1]:,.0f} tok/s")
+            print(
+                f"run {r}: raydapt {ray_tps[-1]:,.0f} tok/s, "
+                f"single process {base_tps[-1]:,.0f} tok/s"
+            )
         a, b = statistics.median(ray_tps), statistics.median(base_tps)
-        print(f"\ncorpus {path.stat().st_size / 2**20:.1f} MB, {tokens:,} tokens, {os.cpu_count()} cores")
+        print(
+            f"\ncorpus {path.stat().st_size / 2**20:.1f} MB, {tokens:,} tokens, "
+            f"{os.cpu_count()} cores"
+        )
         print(f"raydapt prepare   {a:>12,.0f} tokens/s (median of {args.runs})")
         print(f"single process    {b:>12,.0f} tokens/s (median of {args.runs})")
         print(f"ratio             {a / b:>12.2f}x  (goal >= 1.5x)")

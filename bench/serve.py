@@ -58,7 +58,9 @@ def build_model(cache: Path) -> Path:
 
 
 def prompts(model: Path, n: int = 64) -> list[str]:
-    rows = [json.loads(x) for x in (model.parent / "world" / "heldout.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x) for x in (model.parent / "world" / "heldout.jsonl").read_text().splitlines()
+    ]
     texts = [r.get("prompt") or r.get("text") or "" for r in rows]
     texts = [t for t in texts if t] or ["12+34="]
     return [texts[i % len(texts)][:200] for i in range(n)]
@@ -77,8 +79,13 @@ async def load(url: str, texts: list[str], concurrency: int, total: int, max_tok
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
             prompt = queue.get_nowait()
-            body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                    "ignore_eos": True}
+            body = {
+                "model": NAME,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             t0 = time.perf_counter()
             r = await client.post(url + "/v1/completions", json=body)
             if r.status_code == 200 and r.json()["usage"]["completion_tokens"] == max_tokens:
@@ -93,11 +100,20 @@ async def load(url: str, texts: list[str], concurrency: int, total: int, max_tok
         wall = time.perf_counter() - t0
     lat.sort()
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
-    return {"concurrency": concurrency, "requests": total, "errors": errors[0], "wall_s": wall,
-            "rps": len(lat) / wall, "p50_s": pct(0.50), "p99_s": pct(0.99)}
+    return {
+        "concurrency": concurrency,
+        "requests": total,
+        "errors": errors[0],
+        "wall_s": wall,
+        "rps": len(lat) / wall,
+        "p50_s": pct(0.50),
+        "p99_s": pct(0.99),
+    }
 
 
-def measure(urls: dict[str, str], texts: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
+def measure(
+    urls: dict[str, str], texts: list[str], args: argparse.Namespace
+) -> dict[str, list[dict]]:
     """Both servers stay up; each level runs raw, ours, raw, ours ... and keeps the median round.
 
     The machine is shared, so background load drifts over minutes: interleaving the two
@@ -110,14 +126,19 @@ def measure(urls: dict[str, str], texts: list[str], args: argparse.Namespace) ->
         rounds: dict[str, list[dict]] = {k: [] for k in urls}
         for _ in range(args.rounds):
             for k, url in urls.items():
-                rounds[k].append(asyncio.run(load(url, texts, c, max(c * args.requests, 8), args.max_tokens)))
+                rounds[k].append(
+                    asyncio.run(load(url, texts, c, max(c * args.requests, 8), args.max_tokens))
+                )
         for k in urls:
             res = sorted(rounds[k], key=lambda r: r["rps"])[len(rounds[k]) // 2]
             res["rounds_rps"] = [round(r["rps"], 2) for r in rounds[k]]
             out[k].append(res)
-            print(f"  {k:>7} c={c:>3}: {res['rps']:.2f} req/s  p50 {res['p50_s'] * 1e3:.0f} ms  "
-                  f"p99 {res['p99_s'] * 1e3:.0f} ms  errors {res['errors']}  rounds {res['rounds_rps']}",
-                  flush=True)
+            print(
+                f"  {k:>7} c={c:>3}: {res['rps']:.2f} req/s  p50 {res['p50_s'] * 1e3:.0f} ms  "
+                f"p99 {res['p99_s'] * 1e3:.0f} ms  errors {res['errors']}  "
+                f"rounds {res['rounds_rps']}",
+                flush=True,
+            )
     return out
 
 
@@ -139,10 +160,25 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float = 300) 
 
 def start_raw(model: Path, args: argparse.Namespace) -> tuple[str, subprocess.Popen]:
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port),
-           "--enforce-eager", "--dtype", args.dtype, "--max-model-len", str(MAX_LEN),
-           "--disable-log-stats"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enforce-eager",
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        str(MAX_LEN),
+        "--disable-log-stats",
+    ]
     log = open(args.log_dir / "raw_vllm.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return f"http://127.0.0.1:{port}", proc
@@ -161,10 +197,22 @@ def start_raydapt(model: Path, args: argparse.Namespace) -> str:
     from raydapt.config import job_from_dict
     from raydapt.pipeline import run_stage
 
-    cfg = job_from_dict({"name": "bench", "serve": {
-        "name": NAME, "port": free_port(), "dtype": args.dtype, "max_model_len": MAX_LEN,
-        "max_ongoing_requests": 64, "max_queued_requests": 64, "api_keys_env": "",
-        "cpus_per_replica": 1.0}, "cluster": {"num_cpus": 8}})
+    cfg = job_from_dict(
+        {
+            "name": "bench",
+            "serve": {
+                "name": NAME,
+                "port": free_port(),
+                "dtype": args.dtype,
+                "max_model_len": MAX_LEN,
+                "max_ongoing_requests": 64,
+                "max_queued_requests": 64,
+                "api_keys_env": "",
+                "cpus_per_replica": 1.0,
+            },
+            "cluster": {"num_cpus": 8},
+        }
+    )
     connect(cfg.cluster)
     return run_stage("serve", cfg, model_dir=str(model), block=False)["url"]
 
@@ -174,7 +222,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=4, help="requests per worker per level")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level (median kept)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds per level (median kept)"
+    )
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--cache", type=Path, default=Path("runs/raydapt_bench_serve"))
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -183,9 +233,12 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     model = build_model(args.cache)
     texts = prompts(model)
-    print(f"model {model} ({NAME} preset), {args.max_tokens} new tokens per request; "
-          f"Ray worker niceness {os.environ['RAY_worker_niceness']}, raw server niceness "
-          f"{os.getpriority(os.PRIO_PROCESS, 0)}", flush=True)
+    print(
+        f"model {model} ({NAME} preset), {args.max_tokens} new tokens per request; "
+        f"Ray worker niceness {os.environ['RAY_worker_niceness']}, raw server niceness "
+        f"{os.getpriority(os.PRIO_PROCESS, 0)}",
+        flush=True,
+    )
     raw_url, proc = start_raw(model, args)  # starts in the background while Serve starts
     try:
         ours_url = start_raydapt(model, args)
@@ -202,22 +255,32 @@ def main() -> None:
             serve.shutdown()
             ray.shutdown()
     raw, ours = res["raw"], res["raydapt"]
-    print(f"\n{'conc':>5} {'raw rps':>8} {'ours rps':>9} {'rps x':>6} {'raw p99':>8} {'ours p99':>9} "
-          f"{'p99 x':>6} {'p50 x':>6}")
+    print(
+        f"\n{'conc':>5} {'raw rps':>8} {'ours rps':>9} {'rps x':>6} {'raw p99':>8} {'ours p99':>9} "
+        f"{'p99 x':>6} {'p50 x':>6}"
+    )
     rows = []
     for r, o in zip(raw, ours, strict=False):
-        row = {"concurrency": r["concurrency"], "rps_ratio": o["rps"] / r["rps"],
-               "p99_ratio": o["p99_s"] / r["p99_s"], "p50_ratio": o["p50_s"] / r["p50_s"],
-               "raw": r, "raydapt": o}
+        row = {
+            "concurrency": r["concurrency"],
+            "rps_ratio": o["rps"] / r["rps"],
+            "p99_ratio": o["p99_s"] / r["p99_s"],
+            "p50_ratio": o["p50_s"] / r["p50_s"],
+            "raw": r,
+            "raydapt": o,
+        }
         rows.append(row)
-        print(f"{r['concurrency']:>5} {r['rps']:>8.2f} {o['rps']:>9.2f} {row['rps_ratio']:>6.2f} "
-              f"{r['p99_s'] * 1e3:>7.0f}ms {o['p99_s'] * 1e3:>8.0f}ms {row['p99_ratio']:>6.2f} "
-              f"{row['p50_ratio']:>6.2f}")
+        print(
+            f"{r['concurrency']:>5} {r['rps']:>8.2f} {o['rps']:>9.2f} {row['rps_ratio']:>6.2f} "
+            f"{r['p99_s'] * 1e3:>7.0f}ms {o['p99_s'] * 1e3:>8.0f}ms {row['p99_ratio']:>6.2f} "
+            f"{row['p50_ratio']:>6.2f}"
+        )
     ok = all(x["rps_ratio"] >= 0.9 and x["p99_ratio"] <= 1.2 for x in rows)
     print(f"goals (throughput >= 0.9x raw, p99 <= 1.2x raw): {'met' if ok else 'NOT met'}")
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}},
-                                       indent=2))
+        args.out.write_text(
+            json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -58,26 +58,65 @@ def setup(work: Path, n_rows: int, n_prompts: int) -> Path:
     tok = load_tokenizer(model)
     pairs = [json.loads(x) for x in open(work / "world" / "train.jsonl")]
     pairs = [p for p in pairs if isinstance(p.get("prompt"), str)]
-    stream = [t for p in pairs for t in tok(p["prompt"] + " " + p["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    seqs = [np.asarray(stream[i * SEQ:(i + 1) * SEQ], np.int32) for i in range(n_rows)]
+    stream = [
+        t
+        for p in pairs
+        for t in tok(p["prompt"] + " " + p["response"], add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+    ]
+    seqs = [np.asarray(stream[i * SEQ : (i + 1) * SEQ], np.int32) for i in range(n_rows)]
     prepared = work / "out" / "prepared"
     (prepared / "train").mkdir(parents=True, exist_ok=True)
     (prepared / "prompts").mkdir(exist_ok=True)
     mask = np.r_[np.ones(SEQ - 1, np.uint8), 0]
-    pq.write_table(pa.table({
-        "id": [hashlib.sha256(s.tobytes()).hexdigest()[:16] + str(i) for i, s in enumerate(seqs)],
-        "input_ids": pa.array(seqs, pa.list_(pa.int32())), "loss_mask": pa.array([mask] * n_rows, pa.list_(pa.uint8())),
-        "label": pa.array([-1] * n_rows, pa.int32()),
-    }), prepared / "train" / "part-00000.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": [
+                    hashlib.sha256(s.tobytes()).hexdigest()[:16] + str(i)
+                    for i, s in enumerate(seqs)
+                ],
+                "input_ids": pa.array(seqs, pa.list_(pa.int32())),
+                "loss_mask": pa.array([mask] * n_rows, pa.list_(pa.uint8())),
+                "label": pa.array([-1] * n_rows, pa.int32()),
+            }
+        ),
+        prepared / "train" / "part-00000.parquet",
+    )
     prompts = [p["prompt"] for p in pairs[-n_prompts:]]
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
-               add_special_tokens=False)["input_ids"] for p in prompts]
-    pq.write_table(pa.table({
-        "id": [hashlib.sha256(f"{i}:{p}".encode()).hexdigest()[:16] for i, p in enumerate(prompts)],
-        "prompt": prompts, "prompt_ids": pa.array(ids, pa.list_(pa.int32())), "answer": [None] * len(prompts),
-    }), prepared / "prompts" / "part-00000.parquet")
-    finish_manifest(prepared, {"fingerprint": "bench", "seq_len": SEQ, "tokenizer_path": str(model),
-                               "tokenizer_hash": tokenizer_hash(tok), "rows": {"train": n_rows, "validation": 0}})
+    ids = [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for p in prompts
+    ]
+    pq.write_table(
+        pa.table(
+            {
+                "id": [
+                    hashlib.sha256(f"{i}:{p}".encode()).hexdigest()[:16]
+                    for i, p in enumerate(prompts)
+                ],
+                "prompt": prompts,
+                "prompt_ids": pa.array(ids, pa.list_(pa.int32())),
+                "answer": [None] * len(prompts),
+            }
+        ),
+        prepared / "prompts" / "part-00000.parquet",
+    )
+    finish_manifest(
+        prepared,
+        {
+            "fingerprint": "bench",
+            "seq_len": SEQ,
+            "tokenizer_path": str(model),
+            "tokenizer_hash": tokenizer_hash(tok),
+            "rows": {"train": n_rows, "validation": 0},
+        },
+    )
     return model
 
 
@@ -100,14 +139,28 @@ def raw_vllm(model: Path, prepared: Path, args) -> dict:
     from raydapt.teach.convert import row_seed, sample_id
 
     t0 = time.perf_counter()
-    llm = LLM(model=str(model), dtype=args.dtype, max_model_len=512, max_logprobs=K, enforce_eager=True, seed=0)
+    llm = LLM(
+        model=str(model),
+        dtype=args.dtype,
+        max_model_len=512,
+        max_logprobs=K,
+        enforce_eager=True,
+        seed=0,
+    )
     init_s = time.perf_counter() - t0
     g = gen_params(args)
     gen_rates, gen_tokens = [], 0
     for b in batches(pq.read_table(prepared / "prompts"), args.batch_size):
         reqs = [TokensPrompt(prompt_token_ids=p) for p in b.column("prompt_ids").to_pylist()]
-        sps = [SamplingParams(temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
-                              seed=row_seed(0, sample_id(pid, 0))) for pid in b.column("id").to_pylist()]
+        sps = [
+            SamplingParams(
+                temperature=g.temperature,
+                top_p=g.top_p,
+                max_tokens=g.max_tokens,
+                seed=row_seed(0, sample_id(pid, 0)),
+            )
+            for pid in b.column("id").to_pylist()
+        ]
         t = time.perf_counter()
         outs = llm.generate(reqs, sps, use_tqdm=False)
         n = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -119,10 +172,16 @@ def raw_vllm(model: Path, prepared: Path, args) -> dict:
         reqs = [TokensPrompt(prompt_token_ids=p) for p in b.column("input_ids").to_pylist()]
         t = time.perf_counter()
         llm.generate(reqs, sp, use_tqdm=False)
-        score_rates.append(sum(len(r["prompt_token_ids"]) for r in reqs) / (time.perf_counter() - t))
+        score_rates.append(
+            sum(len(r["prompt_token_ids"]) for r in reqs) / (time.perf_counter() - t)
+        )
     del llm
-    return {"init_s": init_s, "gen_tok_s": statistics.median(gen_rates), "gen_tokens": gen_tokens,
-            "score_tok_s": statistics.median(score_rates)}
+    return {
+        "init_s": init_s,
+        "gen_tok_s": statistics.median(gen_rates),
+        "gen_tokens": gen_tokens,
+        "score_tok_s": statistics.median(score_rates),
+    }
 
 
 def pool(work: Path, model: Path, args) -> dict:
@@ -136,25 +195,49 @@ def pool(work: Path, model: Path, args) -> dict:
         import shutil
 
         shutil.rmtree(out / "targets", ignore_errors=True)
-        cfg = job_from_dict({"name": "bench", "output_dir": str(out), "teacher": {"path": str(model), "dtype": args.dtype},
-                             "student": {"path": str(model)}, "teach": {
-                                 "kind": kind, "k": K, "batch_size": args.batch_size, "max_model_len": 512,
-                                 "max_tokens": args.max_tokens, "temperature": 1.0, "seed": 0}})
+        cfg = job_from_dict(
+            {
+                "name": "bench",
+                "output_dir": str(out),
+                "teacher": {"path": str(model), "dtype": args.dtype},
+                "student": {"path": str(model)},
+                "teach": {
+                    "kind": kind,
+                    "k": K,
+                    "batch_size": args.batch_size,
+                    "max_model_len": 512,
+                    "max_tokens": args.max_tokens,
+                    "temperature": 1.0,
+                    "seed": 0,
+                },
+            }
+        )
         connect(cfg.cluster)
         t = time.perf_counter()
         m = run_stage("teach", cfg)
         p = m["pool"]
-        res[kind] = {"median_batch_tok_s": statistics.median(p["batch_tokens_per_s"]),
-                     "span_tok_s": m["computed_tokens"] / p["span_s"], "stage_s": time.perf_counter() - t,
-                     "tokens": m["computed_tokens"], "bytes_per_token": m["bytes_per_token"]}
+        res[kind] = {
+            "median_batch_tok_s": statistics.median(p["batch_tokens_per_s"]),
+            "span_tok_s": m["computed_tokens"] / p["span_s"],
+            "stage_s": time.perf_counter() - t,
+            "tokens": m["computed_tokens"],
+            "bytes_per_token": m["bytes_per_token"],
+        }
         if kind == "generate":  # output tokens only: total minus the prompts
             import pyarrow.parquet as pq
 
             files = sorted((out / "targets").glob("targets-*.parquet"))
-            n_out = sum(len(x) for f in files for x in pq.read_table(f, columns=["response_ids"]).column(0).to_pylist())
+            n_out = sum(
+                len(x)
+                for f in files
+                for x in pq.read_table(f, columns=["response_ids"]).column(0).to_pylist()
+            )
             frac = n_out / m["computed_tokens"]
-            res[kind].update(out_tokens=n_out, median_batch_tok_s=res[kind]["median_batch_tok_s"] * frac,
-                             span_tok_s=res[kind]["span_tok_s"] * frac)
+            res[kind].update(
+                out_tokens=n_out,
+                median_batch_tok_s=res[kind]["median_batch_tok_s"] * frac,
+                span_tok_s=res[kind]["span_tok_s"] * frac,
+            )
     return res
 
 
@@ -168,7 +251,11 @@ def hf(model: Path, prepared: Path, args) -> dict:
     be = HFBackend(ActorSpec(model=str(model), dtype=args.dtype, k=K))
     prompts = pq.read_table(prepared / "prompts").slice(0, args.hf_prompts)
     t = time.perf_counter()
-    outs = be.generate(prompts.column("prompt_ids").to_pylist(), [[i] for i in range(prompts.num_rows)], gen_params(args))
+    outs = be.generate(
+        prompts.column("prompt_ids").to_pylist(),
+        [[i] for i in range(prompts.num_rows)],
+        gen_params(args),
+    )
     gen = sum(len(s[0][0]) for s in outs) / (time.perf_counter() - t)
     rates = []
     for b in batches(pq.read_table(prepared / "train"), args.batch_size):
@@ -198,19 +285,32 @@ def main() -> None:
     ref = hf(model, prepared, args)
     g, s = ours["generate"], ours["score"]
     report = {
-        "raw_vllm": raw, "raydapt": ours, "hf": ref,
-        "gen_ratio_batch": g["median_batch_tok_s"] / raw["gen_tok_s"], "gen_ratio_span": g["span_tok_s"] / raw["gen_tok_s"],
-        "score_ratio_batch": s["median_batch_tok_s"] / raw["score_tok_s"], "score_ratio_span": s["span_tok_s"] / raw["score_tok_s"],
-        "hf_gen_ratio": ref["gen_tok_s"] / raw["gen_tok_s"], "hf_score_ratio": ref["score_tok_s"] / raw["score_tok_s"],
+        "raw_vllm": raw,
+        "raydapt": ours,
+        "hf": ref,
+        "gen_ratio_batch": g["median_batch_tok_s"] / raw["gen_tok_s"],
+        "gen_ratio_span": g["span_tok_s"] / raw["gen_tok_s"],
+        "score_ratio_batch": s["median_batch_tok_s"] / raw["score_tok_s"],
+        "score_ratio_span": s["span_tok_s"] / raw["score_tok_s"],
+        "hf_gen_ratio": ref["gen_tok_s"] / raw["gen_tok_s"],
+        "hf_score_ratio": ref["score_tok_s"] / raw["score_tok_s"],
         "bytes_per_token_k16": s["bytes_per_token"],
     }
     print(json.dumps(report, indent=2))
-    print(f"\ngenerate tok/s: raw vLLM {raw['gen_tok_s']:.0f} | raydapt per-batch {g['median_batch_tok_s']:.0f} "
-          f"({report['gen_ratio_batch']:.2f}x), whole run {g['span_tok_s']:.0f} ({report['gen_ratio_span']:.2f}x) | "
-          f"HF {ref['gen_tok_s']:.0f} ({report['hf_gen_ratio']:.2f}x)")
-    print(f"score tok/s:    raw vLLM {raw['score_tok_s']:.0f} | raydapt per-batch {s['median_batch_tok_s']:.0f} "
-          f"({report['score_ratio_batch']:.2f}x), whole run {s['span_tok_s']:.0f} ({report['score_ratio_span']:.2f}x) | "
-          f"HF {ref['score_tok_s']:.0f} ({report['hf_score_ratio']:.2f}x)")
+    print(
+        f"\ngenerate tok/s: raw vLLM {raw['gen_tok_s']:.0f} | "
+        f"raydapt per-batch {g['median_batch_tok_s']:.0f} "
+        f"({report['gen_ratio_batch']:.2f}x), whole run {g['span_tok_s']:.0f} "
+        f"({report['gen_ratio_span']:.2f}x) | "
+        f"HF {ref['gen_tok_s']:.0f} ({report['hf_gen_ratio']:.2f}x)"
+    )
+    print(
+        f"score tok/s:    raw vLLM {raw['score_tok_s']:.0f} | "
+        f"raydapt per-batch {s['median_batch_tok_s']:.0f} "
+        f"({report['score_ratio_batch']:.2f}x), whole run {s['span_tok_s']:.0f} "
+        f"({report['score_ratio_span']:.2f}x) | "
+        f"HF {ref['score_tok_s']:.0f} ({report['hf_score_ratio']:.2f}x)"
+    )
     print(f"targets at k={K}: {s['bytes_per_token']:.1f} bytes/token (goal <= 100)")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

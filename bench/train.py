@@ -60,13 +60,19 @@ def plain_loop(model_dir: str, batches: list, lr: float, betas: list, skip: int)
     rates = []
     for b in batches:
         t0 = time.perf_counter()
-        loss = ce_loss(model(input_ids=b["input_ids"], use_cache=False).logits, b["input_ids"], b["loss_mask"])
+        loss = ce_loss(
+            model(input_ids=b["input_ids"], use_cache=False).logits, b["input_ids"], b["loss_mask"]
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         rates.append(float((b["loss_mask"][:, :-1] > 0).sum()) / (time.perf_counter() - t0))
-    return {"tokens_per_s": statistics.median(rates[skip:]), "threads": torch.get_num_threads(), "loss": float(loss)}
+    return {
+        "tokens_per_s": statistics.median(rates[skip:]),
+        "threads": torch.get_num_threads(),
+        "loss": float(loss),
+    }
 
 
 def raydapt_run(cfg, skip: int) -> dict:
@@ -81,15 +87,21 @@ def raydapt_run(cfg, skip: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--cpus", type=float, default=2.0, help="train.cpus_per_worker and the baseline's num_cpus")
-    ap.add_argument("--kd-memory", action="store_true", help="also run bench/kd_memory.py (quick shape)")
+    ap.add_argument(
+        "--cpus", type=float, default=2.0, help="train.cpus_per_worker and the baseline's num_cpus"
+    )
+    ap.add_argument(
+        "--kd-memory", action="store_true", help="also run bench/kd_memory.py (quick shape)"
+    )
     a = ap.parse_args()
 
     import pyarrow as pa
@@ -102,18 +114,41 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     model, rows, write_prepared = build(root, a.preset, a.seq_len, n_rows=max(400, a.batch * 8))
     ray.init(num_cpus=8, include_dashboard=False, object_store_memory=1 << 30)
-    train = {"num_workers": 1, "cpus_per_worker": a.cpus, "batch_size": a.batch, "max_steps": a.steps,
-             "warmup_steps": 2, "eval_every": 0, "checkpoint_every": 0, "log_every": 10, "lr": 1e-3, "resume": False}
+    train = {
+        "num_workers": 1,
+        "cpus_per_worker": a.cpus,
+        "batch_size": a.batch,
+        "max_steps": a.steps,
+        "warmup_steps": 2,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "lr": 1e-3,
+        "resume": False,
+    }
     # the plain loop gets the same batches raydapt selects (rows sorted by id, seeded order)
     train_rows = sorted(rows[20:], key=lambda r: r[0])
-    table = pa.table({"id": [r[0] for r in train_rows], "input_ids": [r[1] for r in train_rows],
-                      "loss_mask": [r[2] for r in train_rows]})
-    batches = [collate(table, micro_batch_rows(table.num_rows, 0, g, a.batch, 0, a.batch), 0) for g in range(a.steps)]
+    table = pa.table(
+        {
+            "id": [r[0] for r in train_rows],
+            "input_ids": [r[1] for r in train_rows],
+            "loss_mask": [r[2] for r in train_rows],
+        }
+    )
+    batches = [
+        collate(table, micro_batch_rows(table.num_rows, 0, g, a.batch, 0, a.batch), 0)
+        for g in range(a.steps)
+    ]
     remote_plain = ray.remote(num_cpus=a.cpus)(plain_loop)
     ours, base = [], []
     for i in range(a.runs):
-        cfg = job_from_dict({"name": f"bench{i}", "output_dir": str(root / f"run{i}"), "student": {"path": str(model)},
-                             "train": train})
+        cfg = job_from_dict(
+            {
+                "name": f"bench{i}",
+                "output_dir": str(root / f"run{i}"),
+                "student": {"path": str(model)},
+                "train": train,
+            }
+        )
         if i == 0:
             write_prepared(layout.prepared_dir(cfg), model, rows, n_val=20, seq_len=a.seq_len)
         else:
@@ -121,18 +156,39 @@ def main() -> None:
             os.symlink(root / "run0" / "prepared", layout.prepared_dir(cfg))
         ours.append(raydapt_run(cfg, a.skip))
         base.append(ray.get(remote_plain.remote(str(model), batches, 1e-3, [0.9, 0.95], a.skip)))
-        print(f"run {i}: raydapt {ours[-1]['tokens_per_s']:.0f} tok/s (loss {ours[-1]['loss']:.4f}, wall "
-              f"{ours[-1]['wall_s']:.1f}s) | plain {base[-1]['tokens_per_s']:.0f} tok/s (loss {base[-1]['loss']:.4f}, "
-              f"{base[-1]['threads']} threads)", flush=True)
+        print(
+            f"run {i}: raydapt {ours[-1]['tokens_per_s']:.0f} tok/s "
+            f"(loss {ours[-1]['loss']:.4f}, wall "
+            f"{ours[-1]['wall_s']:.1f}s) | plain {base[-1]['tokens_per_s']:.0f} tok/s "
+            f"(loss {base[-1]['loss']:.4f}, "
+            f"{base[-1]['threads']} threads)",
+            flush=True,
+        )
     r = statistics.median(x["tokens_per_s"] for x in ours)
     p = statistics.median(x["tokens_per_s"] for x in base)
-    print(json.dumps({"preset": a.preset, "batch": a.batch, "seq_len": a.seq_len, "steps": a.steps, "runs": a.runs,
-                      "raydapt_tokens_per_s": round(r), "plain_tokens_per_s": round(p), "ratio": round(r / p, 3),
-                      "goal": ">= 0.9"}, indent=2))
+    print(
+        json.dumps(
+            {
+                "preset": a.preset,
+                "batch": a.batch,
+                "seq_len": a.seq_len,
+                "steps": a.steps,
+                "runs": a.runs,
+                "raydapt_tokens_per_s": round(r),
+                "plain_tokens_per_s": round(p),
+                "ratio": round(r / p, 3),
+                "goal": ">= 0.9",
+            },
+            indent=2,
+        )
+    )
     ray.shutdown()
     kd = Path(__file__).with_name("kd_memory.py")
     if a.kd_memory and kd.is_file():
-        subprocess.run([sys.executable, str(kd), "--B", "2", "--T", "256", "--V", "8000", "--runs", "1"], check=False)
+        subprocess.run(
+            [sys.executable, str(kd), "--B", "2", "--T", "256", "--V", "8000", "--runs", "1"],
+            check=False,
+        )
 
 
 if __name__ == "__main__":

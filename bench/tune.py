@@ -24,12 +24,27 @@ LRS = [1e-2, 3e-3, 1e-3, 3e-4]
 
 def job(out: str, steps: int) -> dict:
     return {
-        "output_dir": out, "corpus": {"source": "world", "world_train": 300, "world_heldout": 20},
-        "teacher": {"preset": ""}, "student": {"preset": "tiny"}, "prepare": {"seq_len": 128},
-        "train": {"max_steps": steps, "eval_every": 5, "checkpoint_every": steps, "log_every": 5, "batch_size": 4,
-                  "warmup_steps": 1, "num_workers": 1, "cpus_per_worker": 0.5},
-        "tune": {"search": "grid", "scheduler": "fifo", "num_samples": 1, "max_concurrent_trials": 2,
-                 "space": {"train.lr": {"grid": LRS}}},
+        "output_dir": out,
+        "corpus": {"source": "world", "world_train": 300, "world_heldout": 20},
+        "teacher": {"preset": ""},
+        "student": {"preset": "tiny"},
+        "prepare": {"seq_len": 128},
+        "train": {
+            "max_steps": steps,
+            "eval_every": 5,
+            "checkpoint_every": steps,
+            "batch_size": 4,
+            "warmup_steps": 1,
+            "num_workers": 1,
+            "cpus_per_worker": 0.5,
+        },
+        "tune": {
+            "search": "grid",
+            "scheduler": "fifo",
+            "num_samples": 1,
+            "max_concurrent_trials": 2,
+            "space": {"train.lr": {"grid": LRS}},
+        },
     }
 
 
@@ -57,8 +72,12 @@ def main() -> None:
         seq_loss.append(train.run(train.plan(c))["metrics"].get("val_loss"))
     seq_s = time.perf_counter() - t0
     sweep_loss = [r["val_loss"] for r in summary["rows"]]
-    print(f"\nbench/tune: 4 trials x {args.steps} steps (tiny Llama, batch 4, seq 128, 1 worker each)")
-    print(f"  sweep (2 concurrent): {sweep_s:7.1f} s   val_loss {[round(v, 4) for v in sweep_loss]}")
+    print(
+        f"\nbench/tune: 4 trials x {args.steps} steps (tiny Llama, batch 4, seq 128, 1 worker each)"
+    )
+    print(
+        f"  sweep (2 concurrent): {sweep_s:7.1f} s   val_loss {[round(v, 4) for v in sweep_loss]}"
+    )
     print(f"  4 sequential trains:  {seq_s:7.1f} s   val_loss {[round(v, 4) for v in seq_loss]}")
     print(f"  ratio sequential/sweep: {seq_s / sweep_s:.2f}x")
 

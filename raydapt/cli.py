@@ -38,21 +38,37 @@ OVERRIDES_HELP = "overrides as section.key=value, e.g. train.lr=3e-4 train.mode=
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="raydapt",
-        description="Adapt LLMs on Ray (fine-tuning, distillation, transfer learning) and serve them.",
+        description=(
+            "Adapt LLMs on Ray (fine-tuning, distillation, transfer learning) and serve them."
+        ),
         epilog="Run `raydapt config --explain` for every job key. Docs: README.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("-v", "--verbose", action="store_true",
-                    help="debug logging, and Ray's and vLLM's logs on the console (else in <output_dir>/logs/)")
+    ap.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and Ray's and vLLM's logs on the console (else in <output_dir>/logs/)",
+    )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_ in [(s.name, s.help) for s in stages.STAGES] + [("run", RUN_HELP)]:
         p = sub.add_parser(name, help=help_, description=help_)
         target = "JOB|MODEL_DIR" if name == "serve" else "JOB"
-        p.add_argument("job", metavar=target, help="job YAML file (see jobs/)" + (" or a model folder" if name == "serve" else ""))
+        p.add_argument(
+            "job",
+            metavar=target,
+            help="job YAML file (see jobs/)" + (" or a model folder" if name == "serve" else ""),
+        )
         p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-        p.add_argument("--address", default=None, help="Ray cluster address (else RAY_ADDRESS, else a local cluster)")
+        p.add_argument(
+            "--address",
+            default=None,
+            help="Ray cluster address (else RAY_ADDRESS, else a local cluster)",
+        )
         if name == "serve":
-            p.add_argument("--no-block", action="store_true", help="start the app and return (prints the URL)")
+            p.add_argument(
+                "--no-block", action="store_true", help="start the app and return (prints the URL)"
+            )
     p = sub.add_parser("init-model", help="Build a random Llama + BPE tokenizer from a preset.")
     p.add_argument("--preset", required=True, choices=["tiny", "small", "base"], help="model size")
     p.add_argument("--corpus", required=True, help="jsonl/txt file to train the tokenizer on")
@@ -60,12 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (upper bound)")
     p.add_argument("--tokenizer-from", default=None, help="reuse this model folder's tokenizer")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("demo", help="The embedded demo: build a teacher, distill a student, compare, serve.")
+    p = sub.add_parser(
+        "demo", help="The embedded demo: build a teacher, distill a student, compare, serve."
+    )
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p = sub.add_parser("config", help="Validate and print a job's config, or explain every key.")
     p.add_argument("job", nargs="?", help="job YAML file")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    p.add_argument("--explain", action="store_true", help="list every key with its default and meaning")
+    p.add_argument(
+        "--explain", action="store_true", help="list every key with its default and meaning"
+    )
     return ap
 
 
@@ -98,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "init-model":
-        out = init_model(args.preset, args.corpus, args.out, args.vocab_size, args.seed, args.tokenizer_from)
+        out = init_model(
+            args.preset, args.corpus, args.out, args.vocab_size, args.seed, args.tokenizer_from
+        )
         print(f"init-model: {args.preset} -> {out}")
         return 0
     if args.command == "config":
@@ -112,12 +134,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_job(job if job.is_file() else None, args.overrides)
         return _run_stage("demo", cfg, None, verbose=args.verbose)
     cfg = _load(args)
-    return _run_stage(args.command, cfg, args.address, block=not getattr(args, "no_block", False),
-                      verbose=args.verbose)
+    return _run_stage(
+        args.command,
+        cfg,
+        args.address,
+        block=not getattr(args, "no_block", False),
+        verbose=args.verbose,
+    )
 
 
-def _run_stage(command: str, cfg: JobConfig, address: str | None, block: bool = True,
-               verbose: bool = False) -> int:
+def _run_stage(
+    command: str, cfg: JobConfig, address: str | None, block: bool = True, verbose: bool = False
+) -> int:
     """Connect to Ray (after the config is valid), then run a stage, `run` or the demo, with
     Ray's and vLLM's logs in <output_dir>/logs/ unless `verbose`."""
     with console(cfg.out / "logs", verbose):

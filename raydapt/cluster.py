@@ -75,8 +75,10 @@ def _reachable(address: str, timeout_s: float) -> None:
 
 
 AUTH_HELP = (
-    "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` prints it "
-    "on the head node), or RAY_AUTH_TOKEN_PATH to a file holding it, in the environment that runs raydapt"
+    "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token "
+    "(`ray get-auth-token` prints it "
+    "on the head node), or RAY_AUTH_TOKEN_PATH to a file holding it, "
+    "in the environment that runs raydapt"
 )
 
 
@@ -85,8 +87,10 @@ def _auth_refused(address: str, detail: object) -> UserError:
     if mode.lower() == "token":
         why = f"the Ray cluster at {address} refused this process's token ({detail})"
     else:
-        why = (f"the Ray cluster at {address} requires token authentication and RAY_AUTH_MODE is "
-               f"{mode or 'unset'} here, so no token was sent ({detail})")
+        why = (
+            f"the Ray cluster at {address} requires token authentication and RAY_AUTH_MODE is "
+            f"{mode or 'unset'} here, so no token was sent ({detail})"
+        )
     return UserError(f"{why}; {AUTH_HELP}")
 
 
@@ -101,7 +105,11 @@ def _is_auth_error(e: BaseException) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, AuthenticationError) or "InvalidAuthToken" in str(e) or "AuthenticationError" in str(e):
+        if (
+            isinstance(e, AuthenticationError)
+            or "InvalidAuthToken" in str(e)
+            or "AuthenticationError" in str(e)
+        ):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -120,7 +128,9 @@ def _check_auth(address: str, timeout_s: float = 5.0) -> None:
 
         token_setup.ensure_token_if_auth_enabled(None, create_token_if_missing=False)
     except AuthenticationError as e:
-        raise UserError(f"no Ray auth token found for {address} ({e.message}); {AUTH_HELP}") from None
+        raise UserError(
+            f"no Ray auth token found for {address} ({e.message}); {AUTH_HELP}"
+        ) from None
     except Exception:  # noqa: BLE001 - a Ray without these internals: ray.init checks the same
         pass
     if address in ("auto", "local") or "://" in address:
@@ -154,7 +164,9 @@ def quiet_worker() -> None:
 
     # Train V2's placement-group cleaner polls the State API, which needs the dashboard that
     # a local cluster here does not start; its cleanup on a crashed controller is all it loses.
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)
 
 
 def connect(cfg: ClusterConfig | None = None, address: str | None = None, verbose: bool = False):
@@ -169,7 +181,10 @@ def connect(cfg: ClusterConfig | None = None, address: str | None = None, verbos
     if ray.is_initialized():
         return ray.get_runtime_context()
     address = address or os.environ.get("RAY_ADDRESS") or cfg.address
-    runtime_env = {"env_vars": _env_vars(), "worker_process_setup_hook": "raydapt.cluster.quiet_worker"}
+    runtime_env = {
+        "env_vars": _env_vars(),
+        "worker_process_setup_hook": "raydapt.cluster.quiet_worker",
+    }
     if address:
         _reachable(address, cfg.connect_timeout_s)
         _check_auth(address)
@@ -179,10 +194,15 @@ def connect(cfg: ClusterConfig | None = None, address: str | None = None, verbos
         except Exception as e:
             if _is_auth_error(e):
                 raise _auth_refused(address, "Ray: authentication failed") from None
-            if "://" in address and isinstance(e, ConnectionError) and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            if (
+                "://" in address
+                and isinstance(e, ConnectionError)
+                and os.environ.get("RAY_AUTH_MODE", "").lower() != "token"
+            ):
                 # a Ray Client server refuses a missing token by not answering: the client times out
                 raise UserError(
-                    f"the Ray Client server at {address} did not answer ({e}); if the cluster uses token "
+                    f"the Ray Client server at {address} did not answer ({e}); "
+                    "if the cluster uses token "
                     f"authentication (Ray 2.60 may turn it on by itself), {AUTH_HELP}"
                 ) from None
             raise

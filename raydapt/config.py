@@ -65,7 +65,9 @@ class CorpusConfig:
     )
     world_train: int = _f(4000, "Number of world training problems.")
     world_heldout: int = _f(200, "Number of world held-out problems (never in training).")
-    world_markov_docs: int = _f(0, "Number of free-text documents from the world's Markov language.")
+    world_markov_docs: int = _f(
+        0, "Number of free-text documents from the world's Markov language."
+    )
     world_seed: int = _f(0, "Seed of the world generator.")
 
 
@@ -75,7 +77,9 @@ class PrepareConfig:
 
     seq_len: int = _f(256, "Length of every packed training row, in tokens.")
     pack: bool = _f(True, "Pack several documents per row; false pads one document per row.")
-    val_fraction: float = _f(0.05, "Fraction of documents in the validation split (by content hash).")
+    val_fraction: float = _f(
+        0.05, "Fraction of documents in the validation split (by content hash)."
+    )
     max_chars: int = _f(100_000, "Rows longer than this many characters are dropped as too long.")
     drop_longer: bool = _f(True, "Drop documents longer than seq_len tokens (else truncate).")
     dedupe: bool = _f(True, "Drop exact duplicate documents.")
@@ -118,7 +122,11 @@ class TrainConfig:
     num_workers: int = _f(1, "Ray Train workers (FSDP2 ranks). 0 runs in the driver (local mode).")
     use_gpu: bool = _f(False, "One GPU per worker, nccl and bf16.")
     cpus_per_worker: float = _f(1.0, "Logical CPUs each worker reserves.")
-    torch_threads: int = _f(0, "Intra-op threads per worker; 0: the node's cores / this run's workers on it (Ray alone would give each worker int(cpus_per_worker) threads).")
+    torch_threads: int = _f(
+        0,
+        "Intra-op threads per worker; 0: the node's cores / this run's workers on it "
+        "(Ray alone would give each worker int(cpus_per_worker) threads).",
+    )
     precision: str = _f("auto", "auto | fp32 | bf16. auto: bf16 on GPU, fp32 on CPU.")
     lr: float = _f(1e-3, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -133,11 +141,19 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "Recompute decoder blocks in backward.")
     checkpoint_every: int = _f(50, "Save a sharded checkpoint every N steps (0: only at the end).")
     eval_every: int = _f(50, "Validation loss every N steps (0: only at the end).")
-    log_every: int = _f(10, "Console progress line every N steps.")
     seed: int = _f(0, "Seed for init, data order and dropout.")
     resume: bool = _f(True, "Resume from the run's latest checkpoint when one exists.")
-    max_failures: int = _f(0, "Worker-group restarts (Ray Train FailureConfig) after a worker process or node dies: the run continues from its latest checkpoint. -1: unlimited; 0: the run fails at once (rerun it to resume).")
-    placement_strategy: str = _f("PACK", "Placement of Train workers on nodes: PACK (fewest nodes) | SPREAD (one per node where possible, so a lost node takes fewer ranks).")
+    max_failures: int = _f(
+        0,
+        "Worker-group restarts (Ray Train FailureConfig) after a worker process or node dies: "
+        "the run continues from its latest checkpoint. -1: unlimited; "
+        "0: the run fails at once (rerun it to resume).",
+    )
+    placement_strategy: str = _f(
+        "PACK",
+        "Placement of Train workers on nodes: PACK (fewest nodes) | "
+        "SPREAD (one per node where possible, so a lost node takes fewer ranks).",
+    )
     # lora
     lora_r: int = _f(8, "lora: rank.")
     lora_alpha: float = _f(16.0, "lora: alpha.")
@@ -155,7 +171,9 @@ class TrainConfig:
     kd_loss: str = _f("forward_kl", "distill: forward_kl | reverse_kl | jsd.")
     kd_alpha: float = _f(0.5, "distill: loss = alpha*KD + (1-alpha)*CE.")
     kd_temperature: float = _f(1.0, "distill: softmax temperature of the KD term.")
-    jsd_beta: float = _f(0.5, "distill: beta of the generalized JSD, in [0, 1] (0: forward KL, 1: reverse KL).")
+    jsd_beta: float = _f(
+        0.5, "distill: beta of the generalized JSD, in [0, 1] (0: forward KL, 1: reverse KL)."
+    )
     kd_chunk: int = _f(128, "distill: sequence chunk for full-vocabulary losses (memory bound).")
 
 
@@ -171,10 +189,21 @@ class TuneConfig:
     max_concurrent_trials: int = _f(2, "Trials running at once.")
     grace_period: int = _f(1, "ASHA: reports before a trial may be stopped.")
     reduction_factor: int = _f(2, "ASHA: halving rate.")
-    pbt_synch: bool = _f(True, "PBT: compare all trials at the same step (trials wait for each other); "
-                               "false lets each trial be judged against the others' latest scores.")
-    cpus_per_trial: float = _f(0.5, "Logical CPUs each trial's driver reserves (its Train workers add train.cpus_per_worker each).")
-    space: dict = _f({}, "train.* key -> {loguniform|uniform: [lo, hi]} | {choice|grid: [...]} | {randint: [lo, hi]}.")
+    pbt_synch: bool = _f(
+        True,
+        "PBT: compare all trials at the same step (trials wait for each other); "
+        "false lets each trial be judged against the others' latest scores.",
+    )
+    cpus_per_trial: float = _f(
+        0.5,
+        "Logical CPUs each trial's driver reserves "
+        "(its Train workers add train.cpus_per_worker each).",
+    )
+    space: dict = _f(
+        {},
+        "train.* key -> {loguniform|uniform: [lo, hi]} | {choice|grid: [...]} | "
+        "{randint: [lo, hi]}.",
+    )
 
 
 @dataclass
@@ -197,8 +226,11 @@ class ServeConfig:
     adapters: dict = _f({}, "LoRA name -> adapter folder.")
     host: str = _f("127.0.0.1", "HTTP host.")
     port: int = _f(8000, "HTTP port.")
-    proxy_location: str = _f("EveryNode", "Where Serve runs HTTP proxies: EveryNode (Ray's default) | HeadOnly "
-                                          "(one port on the head; also for several nodes simulated on one machine).")
+    proxy_location: str = _f(
+        "EveryNode",
+        "Where Serve runs HTTP proxies: EveryNode (Ray's default) | HeadOnly "
+        "(one port on the head; also for several nodes simulated on one machine).",
+    )
     min_replicas: int = _f(1, "Autoscaling: minimum replicas.")
     max_replicas: int = _f(1, "Autoscaling: maximum replicas.")
     target_ongoing_requests: int = _f(8, "Autoscaling: target ongoing requests per replica.")
@@ -212,7 +244,9 @@ class ServeConfig:
     max_loras: int = _f(4, "LoRA adapters resident at once (LRU).")
     max_lora_rank: int = _f(16, "Largest LoRA rank accepted.")
     max_n: int = _f(8, "Largest `n` a request may ask for.")
-    api_keys_env: str = _f("RAYDAPT_API_KEYS", "Env var with comma-separated API keys (unset: no auth).")
+    api_keys_env: str = _f(
+        "RAYDAPT_API_KEYS", "Env var with comma-separated API keys (unset: no auth)."
+    )
     api_keys_file: str = _f("", "File with one API key per line.")
     dtype: str = _f("auto", "Engine dtype.")
 
@@ -222,7 +256,11 @@ class ClusterConfig:
     """How to reach Ray."""
 
     address: str = _f("", "Ray address; empty uses RAY_ADDRESS or starts a local cluster.")
-    num_cpus: int = _f(8, "Logical CPUs of a local cluster: more than the cores on purpose, since each Train worker reserves one CPU and the work mostly waits.")
+    num_cpus: int = _f(
+        8,
+        "Logical CPUs of a local cluster: more than the cores on purpose, "
+        "since each Train worker reserves one CPU and the work mostly waits.",
+    )
     num_gpus: int = _f(0, "GPUs of a local cluster.")
     object_store_gib: float = _f(2.0, "Object store of a local cluster, GiB.")
     connect_timeout_s: float = _f(20.0, "Give up connecting to `address` after this long.")
@@ -231,6 +269,7 @@ class ClusterConfig:
 # Keys that no longer exist -> what replaces them (an exit-2 error names the replacement).
 REMOVED = {
     "train.kd_k": "teach.k (the trainer reads the k of the targets the teacher wrote)",
+    "train.log_every": "nothing: progress shows as a bar on a terminal, else a line every 15 s",
 }
 
 
@@ -287,11 +326,27 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 _POSITIVE = (
-    "prepare.seq_len", "prepare.rows_per_shard", "teach.k", "teach.batch_size", "teach.n",
-    "teach.max_tokens", "teach.min_actors", "teach.tensor_parallel_size", "train.batch_size",
-    "train.grad_accum", "train.max_steps", "train.lora_r", "train.kd_chunk",
-    "tune.num_samples", "tune.max_concurrent_trials", "eval.batch_size", "eval.max_new_tokens",
-    "serve.min_replicas", "serve.max_ongoing_requests", "serve.max_n", "cluster.num_cpus",
+    "prepare.seq_len",
+    "prepare.rows_per_shard",
+    "teach.k",
+    "teach.batch_size",
+    "teach.n",
+    "teach.max_tokens",
+    "teach.min_actors",
+    "teach.tensor_parallel_size",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.max_steps",
+    "train.lora_r",
+    "train.kd_chunk",
+    "tune.num_samples",
+    "tune.max_concurrent_trials",
+    "eval.batch_size",
+    "eval.max_new_tokens",
+    "serve.min_replicas",
+    "serve.max_ongoing_requests",
+    "serve.max_n",
+    "cluster.num_cpus",
 )
 
 
@@ -324,9 +379,14 @@ def _coerce(value: Any, tp: type, path: str, problems: list[str]) -> Any:
 
 def _resolve_type(tp: Any) -> Any:
     if isinstance(tp, str):
-        return {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}.get(
-            tp, tp
-        )
+        return {
+            "str": str,
+            "int": int,
+            "float": float,
+            "bool": bool,
+            "list": list,
+            "dict": dict,
+        }.get(tp, tp)
     if isinstance(tp, types.GenericAlias) or typing.get_origin(tp):
         return typing.get_origin(tp)
     return tp
@@ -364,7 +424,9 @@ def job_from_dict(data: dict, source: str = "<job>") -> JobConfig:
     """Build and validate a JobConfig; raises ConfigError listing every problem."""
     problems: list[str] = []
     if not isinstance(data, dict):
-        raise ConfigError([f"top level: expected a mapping of sections, got {type(data).__name__}"], source)
+        raise ConfigError(
+            [f"top level: expected a mapping of sections, got {type(data).__name__}"], source
+        )
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in _SECTIONS:
@@ -439,16 +501,23 @@ def _validate_space_entry(key: str, spec: Any) -> list[str]:
         return [f"{where}: only train.* keys can be searched"]
     name = key.split(".", 1)[1]
     if name not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return [f"{where}: train has no key `{name}`{_closest(name, {f.name: 1 for f in dataclasses.fields(TrainConfig)})}"]
+        return [
+            f"{where}: train has no key `{name}`"
+            f"{_closest(name, {f.name: 1 for f in dataclasses.fields(TrainConfig)})}"
+        ]
     if not isinstance(spec, dict) or len(spec) != 1:
         return [f"{where}: expected one of {{{'|'.join(_SPACE_FORMS)}: ...}}, got {spec!r}"]
-    (form, args), = spec.items()
+    ((form, args),) = spec.items()
     if form not in _SPACE_FORMS:
         return [f"{where}: unknown form `{form}`; use one of {', '.join(_SPACE_FORMS)}"]
     if not isinstance(args, list) or not args:
         return [f"{where}.{form}: expected a non-empty list, got {args!r}"]
     if form in ("loguniform", "uniform", "randint"):
-        if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or args[0] >= args[1]:
+        if (
+            len(args) != 2
+            or not all(isinstance(a, (int, float)) for a in args)
+            or args[0] >= args[1]
+        ):
             return [f"{where}.{form}: expected [low, high] with low < high, got {args!r}"]
         if form == "loguniform" and args[0] <= 0:
             return [f"{where}.loguniform: bounds must be > 0, got {args!r}"]

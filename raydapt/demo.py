@@ -42,10 +42,18 @@ TEACHER_TRAIN = {"mode": "full", "lr": 3e-3, "batch_size": 16, "warmup_steps": 2
 
 def _teacher(cfg: JobConfig) -> Path:
     model = build_model(cfg, "teacher")
-    tcfg = derived(cfg, "teacher", student={"path": str(model), "preset": ""},
-                   train={**dataclasses.asdict(cfg.train), **TEACHER_TRAIN,
-                          "max_steps": TEACHER_STEPS * cfg.train.max_steps,
-                          "checkpoint_every": cfg.train.max_steps, "eval_every": cfg.train.max_steps})
+    tcfg = derived(
+        cfg,
+        "teacher",
+        student={"path": str(model), "preset": ""},
+        train={
+            **dataclasses.asdict(cfg.train),
+            **TEACHER_TRAIN,
+            "max_steps": TEACHER_STEPS * cfg.train.max_steps,
+            "checkpoint_every": cfg.train.max_steps,
+            "eval_every": cfg.train.max_steps,
+        },
+    )
     run_stages(dataclasses.replace(tcfg, stages=["train"]), quiet=True)
     return layout.export_dir(tcfg)
 
@@ -56,8 +64,12 @@ def step(i: int, text: str) -> None:
 
 def _ask(url: str, model: str) -> str:
     client = OpenAI(base_url=f"{url}/v1", api_key="demo")
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "add 123 456"}],
-                                       max_tokens=64, temperature=0)
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "add 123 456"}],
+        max_tokens=64,
+        temperature=0,
+    )
     return r.choices[0].message.content
 
 
@@ -69,7 +81,9 @@ def run_demo(cfg: JobConfig) -> dict:
         for s in run_stages(dataclasses.replace(c, stages=names), quiet=True)["stages"]:
             timings[prefix + s["stage"]] = s["seconds"]
             if s["stage"] == "teach" and s["result"]:
-                timings["teach_pool"] = {k: s["result"].get(k) for k in ("seconds", "pool", "computed_rows")}
+                timings["teach_pool"] = {
+                    k: s["result"].get(k) for k in ("seconds", "pool", "computed_rows")
+                }
 
     step(1, "prepare the world corpus (Ray Data)")
     stages(cfg, ["prepare"])
@@ -77,7 +91,9 @@ def run_demo(cfg: JobConfig) -> dict:
     t = time.perf_counter()
     teacher_dir = _teacher(cfg)
     timings["teacher train"] = round(time.perf_counter() - t, 1)
-    cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=str(teacher_dir), preset=""))
+    cfg = dataclasses.replace(
+        cfg, teacher=dataclasses.replace(cfg.teacher, path=str(teacher_dir), preset="")
+    )
     step(3, f"score the corpus with the vLLM teacher pool (top-{cfg.teach.k}), distill the student")
     stages(cfg, ["teach", "train"], "kd ")
     step(4, "train the same student with cross-entropy alone, for comparison")
@@ -87,8 +103,11 @@ def run_demo(cfg: JobConfig) -> dict:
     timings["teach"] = timings.pop("kd teach")
     rows = []
     t = time.perf_counter()
-    for name, c, model in (("teacher", cfg, teacher_dir), ("kd student", cfg, layout.export_dir(cfg)),
-                           ("ce student", ce, layout.export_dir(ce))):
+    for name, c, model in (
+        ("teacher", cfg, teacher_dir),
+        ("kd student", cfg, layout.export_dir(cfg)),
+        ("ce student", ce, layout.export_dir(ce)),
+    ):
         m = run_stage("eval", c, model_dir=model, name=name.replace(" ", "_"))
         rows.append({**m, "model": name})
     timings["eval"] = round(time.perf_counter() - t, 1)
@@ -101,18 +120,34 @@ def run_demo(cfg: JobConfig) -> dict:
         t = time.perf_counter()
         url, answer = _serve_and_ask(cfg)
         timings["serve + ask"] = round(time.perf_counter() - t, 1)
-    images = [p for p in (
-        report.plot_curves({"teacher": report.read_metrics(teacher_dir.parent / "metrics.jsonl"),
-                            "kd student": report.read_metrics(layout.train_dir(cfg) / "metrics.jsonl"),
-                            "ce student": report.read_metrics(layout.train_dir(ce) / "metrics.jsonl")},
-                           "ce", cfg.out / "loss_curves.png",
-                           "training cross-entropy on the data (the KD loss adds its KL term)"),
-        report.plot_bars(rows, ["heldout_loss", "markov_loss", "exact_match"], cfg.out / "metrics.png",
-                         "held-out metrics", floor),
-    ) if p]
-    notes = [f"Markov entropy floor: {floor:.4f} nats/token." if floor else "",
-             f"Served KD student answered `add 123 456` with: {answer!r}" if answer is not None else "",
-             f"Wall time {time.perf_counter() - t0:.0f} s."]
+    images = [
+        p
+        for p in (
+            report.plot_curves(
+                {
+                    "teacher": report.read_metrics(teacher_dir.parent / "metrics.jsonl"),
+                    "kd student": report.read_metrics(layout.train_dir(cfg) / "metrics.jsonl"),
+                    "ce student": report.read_metrics(layout.train_dir(ce) / "metrics.jsonl"),
+                },
+                "ce",
+                cfg.out / "loss_curves.png",
+                "training cross-entropy on the data (the KD loss adds its KL term)",
+            ),
+            report.plot_bars(
+                rows,
+                ["heldout_loss", "markov_loss", "exact_match"],
+                cfg.out / "metrics.png",
+                "held-out metrics",
+                floor,
+            ),
+        )
+        if p
+    ]
+    notes = [
+        f"Markov entropy floor: {floor:.4f} nats/token." if floor else "",
+        f"Served KD student answered `add 123 456` with: {answer!r}" if answer is not None else "",
+        f"Wall time {time.perf_counter() - t0:.0f} s.",
+    ]
     timings["total"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(cfg.out / "timings.json", timings)
     path = report.write_report(cfg.out, "raydapt demo", text, images, [n for n in notes if n])
@@ -120,7 +155,10 @@ def run_demo(cfg: JobConfig) -> dict:
     print("\nheld-out problems and Markov text (lower loss is better; exact_match is greedy):")
     print(text)
     if floor:
-        print(f"markov_loss floor (the true entropy rate of the world's language): {floor:.4f} nats/token")
+        print(
+            "markov_loss floor (the true entropy rate of the world's language): "
+            f"{floor:.4f} nats/token"
+        )
     if answer is not None:
         print(f"served KD student at {url}: `add 123 456` -> {answer!r}")
     return {"rows": rows, "report": str(path), "timings": timings}

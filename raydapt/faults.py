@@ -23,7 +23,9 @@ def park_until_killed(path: str | os.PathLike, info: dict[str, Any]) -> None:
     """Write `info` plus this process's pid and node id to `path`, then wait to be killed."""
     import ray
 
-    write_json_atomic(Path(path), {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), **info})
+    write_json_atomic(
+        Path(path), {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), **info}
+    )
     deadline = time.monotonic() + PARK_TIMEOUT_S
     while time.monotonic() < deadline:
         time.sleep(0.2)

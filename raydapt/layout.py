@@ -1,12 +1,12 @@
 """Where each stage reads and writes inside a job's output_dir. Stages talk through files.
 
-    <out>/corpus/            world: train.jsonl, heldout.jsonl (generated)
-    <out>/models/<role>/     models built from presets (init-model)
-    <out>/prepared/          prepare: train/ and validation/ parquet + manifest.json
-    <out>/targets/           teach: targets parquet + manifest.json (parts staged in targets.parts/)
-    <out>/train/             train: Ray Train storage, metrics.jsonl, final/ (HF export)
-    <out>/eval/              eval: metrics.json
-    <out>/tune/              tune: sweep folder, best/
+<out>/corpus/            world: train.jsonl, heldout.jsonl (generated)
+<out>/models/<role>/     models built from presets (init-model)
+<out>/prepared/          prepare: train/ and validation/ parquet + manifest.json
+<out>/targets/           teach: targets parquet + manifest.json (parts staged in targets.parts/)
+<out>/train/             train: Ray Train storage, metrics.jsonl, final/ (HF export)
+<out>/eval/              eval: metrics.json
+<out>/tune/              tune: sweep folder, best/
 """
 
 from __future__ import annotations
@@ -50,5 +50,10 @@ def tune_dir(cfg: JobConfig) -> Path:
 
 
 # artifact name (stage.Stage.produces / needs) -> its folder
-ARTIFACTS = {"prepared": prepared_dir, "targets": targets_dir, "export": export_dir,
-             "sweep": tune_dir, "metrics": eval_dir}
+ARTIFACTS = {
+    "prepared": prepared_dir,
+    "targets": targets_dir,
+    "export": export_dir,
+    "sweep": tune_dir,
+    "metrics": eval_dir,
+}

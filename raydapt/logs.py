@@ -42,7 +42,9 @@ def console(log_dir: Path, verbose: bool) -> Iterator[Path | None]:
     with open(path, "ab", buffering=0) as f:
         os.dup2(f.fileno(), 2)
         ours.addHandler(visible)
-        print(f"[raydapt] Ray, vLLM and library logs: {path} (--verbose shows them here)", flush=True)
+        print(
+            f"[raydapt] Ray, vLLM and library logs: {path} (--verbose shows them here)", flush=True
+        )
         try:
             yield path
         finally:

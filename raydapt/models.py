@@ -68,7 +68,9 @@ def corpus_texts(path: str | Path) -> list[str]:
                 continue
             if isinstance(row, dict):
                 texts.extend(
-                    str(row[k]) for k in ("text", "prompt", "response") if isinstance(row.get(k), str)
+                    str(row[k])
+                    for k in ("text", "prompt", "response")
+                    if isinstance(row.get(k), str)
                 )
                 for m in row.get("messages") or []:
                     if isinstance(m, dict) and isinstance(m.get("content"), str):
@@ -127,7 +129,11 @@ def init_model(
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     p = PRESETS[preset]
     assert p.head_dim in VLLM_CPU_HEAD_DIMS and p.hidden == p.heads * p.head_dim
-    tok = load_tokenizer(tokenizer_from) if tokenizer_from else train_tokenizer(corpus_texts(corpus), vocab_size)
+    tok = (
+        load_tokenizer(tokenizer_from)
+        if tokenizer_from
+        else train_tokenizer(corpus_texts(corpus), vocab_size)
+    )
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=p.hidden,
@@ -189,7 +195,12 @@ def load_model(path: str | Path, dtype: str = "float32", **kw: Any):
 
     path = str(path)
     check_source(path)
-    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch_dtype = {
+        "auto": "auto",
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
     except OSError as e:
@@ -229,7 +240,11 @@ def check_vocab(model_or_config: Any, tokenizer: Any, where: str) -> None:
 def tokenizer_hash(tokenizer: Any) -> str:
     """A content hash of the tokenizer (vocabulary, merges, normalizer, specials)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    body = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    )
     specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
     return sha256_bytes((body + specials).encode())[:16]
 

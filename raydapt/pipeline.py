@@ -47,8 +47,10 @@ def check_needs(job: JobConfig, names: list[str]) -> None:
             folder = layout.ARTIFACTS[artifact](job)
             if read_record(folder) is None:
                 raise UserError(
-                    f"stage `{name}` needs {artifact} at {folder}, which is missing; the `{producer}` "
-                    f"stage produces it: add it to `stages:` or run `raydapt {producer} JOB` first")
+                    f"stage `{name}` needs {artifact} at {folder}, which is missing; "
+                    f"the `{producer}` "
+                    f"stage produces it: add it to `stages:` or run `raydapt {producer} JOB` first"
+                )
 
 
 def run_stage(name: str, job: JobConfig, **overrides: Any) -> dict:
@@ -78,10 +80,21 @@ def run(job: JobConfig, serve_block: bool = True, quiet: bool = False) -> dict:
         if not quiet:
             print(f"[run] {name}: starting", flush=True)
         result = run_stage(name, job, **({"block": serve_block} if name == "serve" else {}))
-        status = ("failed" if result.get("failed") else
-                  "skipped (up to date)" if result.get("skipped") else "ran")
-        summary.append({"stage": name, "status": status, "seconds": round(time.perf_counter() - t0, 1),
-                        "result": result})
+        status = (
+            "failed"
+            if result.get("failed")
+            else "skipped (up to date)"
+            if result.get("skipped")
+            else "ran"
+        )
+        summary.append(
+            {
+                "stage": name,
+                "status": status,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "result": result,
+            }
+        )
         if status == "failed":  # a failed sweep: the stages after it would read no output
             break
     if not quiet:

@@ -27,16 +27,35 @@ def _fmt_s(seconds: float) -> str:
 class Progress:
     """A progress bar (TTY) or periodic progress lines (anything else)."""
 
-    def __init__(self, stage: str, total: int | None = None, unit: str = "it", every_s: float = 10.0,
-                 stream: TextIO | None = None):
+    def __init__(
+        self,
+        stage: str,
+        total: int | None = None,
+        unit: str = "it",
+        every_s: float = 15.0,
+        stream: TextIO | None = None,
+        done: int = 0,
+    ):
+        """`done`: items already done before this run (a resumed training run's step)."""
         self.stage, self.total, self.unit, self.every_s = stage, total, unit, every_s
         self.stream = stream or sys.stdout
-        self.done = 0
+        self.start = self.done = done
         self.extra: dict[str, Any] = {}
         self.t0 = self.last = time.monotonic()
         tty = getattr(self.stream, "isatty", lambda: False)()
-        self.bar = tqdm(total=total, unit=unit, desc=f"[{stage}]", file=self.stream, dynamic_ncols=True,
-                        leave=True) if tty else None
+        self.bar = (
+            tqdm(
+                total=total,
+                initial=done,
+                unit=unit,
+                desc=f"[{stage}]",
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=True,
+            )
+            if tty
+            else None
+        )
 
     def update(self, n: int = 1, **extra: Any) -> None:
         """`n` more items done; `extra` values (e.g. loss=0.52) are shown beside the count."""
@@ -54,7 +73,7 @@ class Progress:
 
     def _line(self, final: bool = False) -> None:
         elapsed = time.monotonic() - self.t0
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        rate = (self.done - self.start) / elapsed if elapsed > 0 else 0.0
         of = f"/{self.total}" if self.total else ""
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         eta = ""
@@ -62,20 +81,25 @@ class Progress:
             eta = f", eta {_fmt_s((self.total - self.done) / rate)}"
         extra = "".join(f", {k} {_short(v)}" for k, v in self.extra.items())
         took = f" in {_fmt_s(elapsed)}" if final else ""
-        print(f"[{self.stage}] {self.done}{of} {self.unit}{pct}{took}, {rate:.1f} {self.unit}/s{eta}{extra}",
-              file=self.stream, flush=True)
+        print(
+            f"[{self.stage}] {self.done}{of} {self.unit}{pct}{took}, "
+            f"{rate:.1f} {self.unit}/s{eta}{extra}",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.done:
+        elif self.done > self.start:
             self._line(final=True)
 
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, tp: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, tp: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 

@@ -1,7 +1,7 @@
 """Tables, plots and the HTML report: what people would rather look at than read.
 
-    from raydapt.report import table, write_report
-    print(table(rows, ["model", "heldout_loss", "exact_match"]))
+from raydapt.report import table, write_report
+print(table(rows, ["model", "heldout_loss", "exact_match"]))
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ def _fmt(v: Any) -> str:
 def table(rows: list[dict], columns: list[str]) -> str:
     """A fixed-width text table (also valid markdown)."""
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+        for i, c in enumerate(columns)
+    ]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(columns), sep, *(line(r) for r in cells)])
@@ -66,7 +69,9 @@ def plot_curves(curves: dict[str, list[dict]], key: str, out: Path, title: str) 
     return out
 
 
-def plot_bars(rows: list[dict], keys: list[str], out: Path, title: str, floor: float | None = None) -> Path:
+def plot_bars(
+    rows: list[dict], keys: list[str], out: Path, title: str, floor: float | None = None
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +96,9 @@ def plot_bars(rows: list[dict], keys: list[str], out: Path, title: str, floor: f
     return out
 
 
-def write_report(out_dir: str | Path, title: str, text_table: str, images: list[Path], notes: list[str]) -> Path:
+def write_report(
+    out_dir: str | Path, title: str, text_table: str, images: list[Path], notes: list[str]
+) -> Path:
     """A self-contained report.html (images inlined) next to its PNG files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

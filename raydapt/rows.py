@@ -28,7 +28,9 @@ def loss_mask_of(target: np.ndarray) -> np.ndarray:
     return mask
 
 
-def next_token_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def next_token_targets(
+    input_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The shift in tensors: targets (B, T) int64 with targets[:, t] = input_ids[:, t+1], and
     the mask (B, T) with the last position off (it has no next token)."""
     targets = torch.zeros_like(input_ids, dtype=torch.long)
@@ -38,7 +40,9 @@ def next_token_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tupl
     return targets, mask
 
 
-def pack(docs: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
+def pack(
+    docs: list[tuple[np.ndarray, np.ndarray]], seq_len: int
+) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
     """Greedy packing of (ids, target) docs into rows of at most seq_len tokens.
 
     Returns (input_ids, loss_mask, doc_indices) per row, loss_mask logits-aligned.
@@ -81,7 +85,9 @@ def _list_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarra
     return values, offsets
 
 
-def collate(table: pa.Table, rows: np.ndarray, pad_id: int, valid: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    table: pa.Table, rows: np.ndarray, pad_id: int, valid: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
     """Rows of `table` -> right-padded tensors, padded to the longest row of the batch.
 
     input_ids (B, T) int64, loss_mask (B, T) float32 (0 on padding and on rows where
@@ -97,7 +103,9 @@ def collate(table: pa.Table, rows: np.ndarray, pad_id: int, valid: np.ndarray | 
     out_mask = np.zeros((b, t), np.float32)
     for i in range(b):
         out_ids[i, : lens[i]] = ids[off[i] : off[i + 1]]
-        out_mask[i, : lens[i] - 1] = mask[moff[i] : moff[i + 1] - 1]  # a row's last token predicts nothing
+        out_mask[i, : lens[i] - 1] = mask[
+            moff[i] : moff[i + 1] - 1
+        ]  # a row's last token predicts nothing
     if valid is not None:
         out_mask[~valid] = 0.0
     batch = {"input_ids": torch.from_numpy(out_ids), "loss_mask": torch.from_numpy(out_mask)}
@@ -127,5 +135,3 @@ def _collate_topk(sub: pa.Table, lens: np.ndarray, t: int) -> dict[str, torch.Te
         out_ids[i, :n] = flat_ids[off[i] : off[i + 1]]
         out_lp[i, :n] = flat_lp[off[i] : off[i + 1]]
     return {"topk_ids": torch.from_numpy(out_ids), "topk_logprobs": torch.from_numpy(out_lp)}
-
-

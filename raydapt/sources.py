@@ -30,7 +30,9 @@ EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt"
 
 def _world_key(job: JobConfig) -> str:
     c = job.corpus
-    return hash_json([c.world_tasks, c.world_train, c.world_heldout, c.world_markov_docs, c.world_seed])
+    return hash_json(
+        [c.world_tasks, c.world_train, c.world_heldout, c.world_markov_docs, c.world_seed]
+    )
 
 
 def materialize_world(job: JobConfig) -> Path:
@@ -41,8 +43,9 @@ def materialize_world(job: JobConfig) -> Path:
     if m and m.get("fingerprint") == key:
         return out
     with atomic_dir(out) as tmp:
-        summary = write_world(tmp, c.world_tasks, c.world_train, c.world_heldout, c.world_markov_docs,
-                              c.world_seed)
+        summary = write_world(
+            tmp, c.world_tasks, c.world_train, c.world_heldout, c.world_markov_docs, c.world_seed
+        )
         finish_manifest(tmp, {"fingerprint": key, **summary})
     return out
 
@@ -52,8 +55,10 @@ def world_dir(job: JobConfig) -> Path:
     out = layout.corpus_dir(job)
     m = read_manifest(out)
     if m is None or m.get("fingerprint") != _world_key(job):
-        raise UserError(f"the world corpus at {out} is missing or was generated for another "
-                        "corpus.world_* config; run `raydapt prepare JOB` (it generates it)")
+        raise UserError(
+            f"the world corpus at {out} is missing or was generated for another "
+            "corpus.world_* config; run `raydapt prepare JOB` (it generates it)"
+        )
     return out
 
 
@@ -106,8 +111,10 @@ def model_path(job: JobConfig, role: str) -> Path:
         raise UserError(f"{role}.path is empty and {role}.preset is not set; give one of them")
     out = layout.models_dir(job) / role
     if not (out / "config.json").is_file():
-        raise UserError(f"{role}: the `{spec.preset}` preset model is not built yet at {out}; "
-                        f"run `raydapt prepare JOB` or `raydapt run JOB` (they build it)")
+        raise UserError(
+            f"{role}: the `{spec.preset}` preset model is not built yet at {out}; "
+            f"run `raydapt prepare JOB` or `raydapt run JOB` (they build it)"
+        )
     return out
 
 
@@ -130,7 +137,9 @@ def build_model(job: JobConfig, role: str) -> Path:
         tokenizer_from = job.teacher.path
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    init_model(spec.preset, _tokenizer_corpus(job), tmp, seed=job.train.seed, tokenizer_from=tokenizer_from)
+    init_model(
+        spec.preset, _tokenizer_corpus(job), tmp, seed=job.train.seed, tokenizer_from=tokenizer_from
+    )
     os.replace(tmp, out)
     return out
 

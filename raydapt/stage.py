@@ -22,10 +22,11 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from raydapt.config import JobConfig
+# A job is a raydapt.config.JobConfig; config imports this registry (stage names, help), so
+# this module names the type only in words and stays free of an import cycle.
+JobConfig = Any
 
 
 @dataclass(frozen=True)
@@ -59,18 +60,48 @@ def _serve_needs(job: JobConfig) -> tuple[str, ...]:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", "Ray Data: read, validate, dedupe, tokenize, pack and split the corpus.",
-          "raydapt.prepare", "prepared", lambda job: ()),
-    Stage("teach", "Teacher actor pool (vLLM): generations and/or top-k logprobs as targets.",
-          "raydapt.teach", "targets", lambda job: ("prepared",)),
-    Stage("train", "Ray Train + FSDP2: full, lora, transfer or distill training; exports HF format.",
-          "raydapt.train", "export", _train_needs),
-    Stage("tune", "Ray Tune: sweep train.* hyperparameters over the same prepared data and targets.",
-          "raydapt.tune", "sweep", _train_needs),
-    Stage("eval", "Held-out loss, perplexity and exact-match on a model folder or endpoint.",
-          "raydapt.eval", "metrics", _eval_needs),
-    Stage("serve", "Ray Serve: OpenAI-compatible HTTP API on vLLM, with multi-LoRA.",
-          "raydapt.serve", None, _serve_needs),
+    Stage(
+        "prepare",
+        "Ray Data: read, validate, dedupe, tokenize, pack and split the corpus.",
+        "raydapt.prepare",
+        "prepared",
+        lambda job: (),
+    ),
+    Stage(
+        "teach",
+        "Teacher actor pool (vLLM): generations and/or top-k logprobs as targets.",
+        "raydapt.teach",
+        "targets",
+        lambda job: ("prepared",),
+    ),
+    Stage(
+        "train",
+        "Ray Train + FSDP2: full, lora, transfer or distill training; exports HF format.",
+        "raydapt.train",
+        "export",
+        _train_needs,
+    ),
+    Stage(
+        "tune",
+        "Ray Tune: sweep train.* hyperparameters over the same prepared data and targets.",
+        "raydapt.tune",
+        "sweep",
+        _train_needs,
+    ),
+    Stage(
+        "eval",
+        "Held-out loss, perplexity and exact-match on a model folder or endpoint.",
+        "raydapt.eval",
+        "metrics",
+        _eval_needs,
+    ),
+    Stage(
+        "serve",
+        "Ray Serve: OpenAI-compatible HTTP API on vLLM, with multi-LoRA.",
+        "raydapt.serve",
+        None,
+        _serve_needs,
+    ),
 )
 
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

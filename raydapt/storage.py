@@ -189,16 +189,23 @@ def output_lock(output: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(f"{Path(output)}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _read_json(path)
             if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", 0) or 0)):
-                log.warning("taking over the lock %s of pid %s (started %s), which no longer runs",
-                            path, holder.get("pid"), holder.get("started"))
+                log.warning(
+                    "taking over the lock %s of pid %s (started %s), which no longer runs",
+                    path,
+                    holder.get("pid"),
+                    holder.get("started"),
+                )
                 path.unlink(missing_ok=True)
                 continue
             raise UserError(

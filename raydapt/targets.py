@@ -1,10 +1,12 @@
 """The targets dataset: the contract between the teacher pool and the trainer.
 
-Parquet files plus `manifest.json`, one row per training sequence (the contract in README.md, "Architecture"):
+Parquet files plus `manifest.json`, one row per training sequence (the contract in README.md,
+"Architecture"):
 
     id             string                              stable content-hash id, exactly once
     input_ids      list<int32>                         prompt + response tokens, length T
-    loss_mask      list<uint8>                         1 where the loss applies (aligned with logits[t])
+    loss_mask      list<uint8>                         1 where the loss applies
+                                                       (aligned with logits[t])
     topk_ids       list<fixed_size_list<ID, k>>        teacher's top-k ids for token t+1
     topk_logprobs  list<fixed_size_list<float16, k>>   their log-probabilities (temperature 1)
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +36,14 @@ import pyarrow.parquet as pq
 from raydapt.errors import UserError
 from raydapt.storage import atomic_dir, finish_manifest, read_manifest
 
-GENERATION_COLUMNS = ("prompt_ids", "response_ids", "text", "sample_index")
-
 
 def id_dtype_for(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "int32"
 
 
-def schema(k: int, id_dtype: str = "int32", generation: bool = False, logits: bool = True) -> pa.Schema:
+def schema(
+    k: int, id_dtype: str = "int32", generation: bool = False, logits: bool = True
+) -> pa.Schema:
     ids_t = {"uint16": pa.uint16(), "int32": pa.int32()}[id_dtype]
     fields = [
         pa.field("id", pa.string()),
@@ -102,9 +103,14 @@ def make_table(
         np_id = np.uint16 if id_dtype == "uint16" else np.int32
         for i, (t, a, b) in enumerate(zip(input_ids, topk_ids, topk_logprobs)):
             if a.shape != (len(t), k) or b.shape != (len(t), k):
-                raise ValueError(f"row {ids[i]}: top-k shapes {a.shape}/{b.shape} != ({len(t)}, {k})")
+                raise ValueError(
+                    f"row {ids[i]}: top-k shapes {a.shape}/{b.shape} != ({len(t)}, {k})"
+                )
         cols["topk_ids"] = _list_of(
-            [_fixed_list(a.astype(np_id), k, sch.field("topk_ids").type.value_type.value_type) for a in topk_ids],
+            [
+                _fixed_list(a.astype(np_id), k, sch.field("topk_ids").type.value_type.value_type)
+                for a in topk_ids
+            ],
             sch.field("topk_ids").type.value_type,
         )
         cols["topk_logprobs"] = _list_of(
@@ -166,8 +172,14 @@ class PartStore:
         table = _unique_by_id(table)
         with atomic_dir(self.final) as tmp:
             for i, start in enumerate(range(0, table.num_rows, rows_per_file)):
-                pq.write_table(table.slice(start, rows_per_file), tmp / f"targets-{i:05d}.parquet", compression="zstd")
-            n_tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py())
+                pq.write_table(
+                    table.slice(start, rows_per_file),
+                    tmp / f"targets-{i:05d}.parquet",
+                    compression="zstd",
+                )
+            n_tokens = int(
+                pa.compute.sum(pa.compute.list_value_length(table.column("input_ids"))).as_py()
+            )
             size = sum(f.stat().st_size for f in tmp.glob("*.parquet"))
             manifest = {
                 **manifest,
@@ -201,7 +213,9 @@ def read_targets(folder: str | os.PathLike) -> tuple[dict, list[Path]]:
     folder = Path(folder)
     m = read_manifest(folder)
     if m is None:
-        raise UserError(f"targets at {folder} are missing or incomplete; run `raydapt teach JOB` first")
+        raise UserError(
+            f"targets at {folder} are missing or incomplete; run `raydapt teach JOB` first"
+        )
     return m, sorted(folder.glob("targets-*.parquet"))
 
 
@@ -212,18 +226,16 @@ def check_compatible(manifest: dict, student_tokenizer_hash: str, teach_k: int, 
     t_hash = manifest.get("tokenizer_hash")
     if t_hash != student_tokenizer_hash:
         problems.append(
-            f"the targets were scored with tokenizer {t_hash} ({manifest.get('tokenizer_path', '?')}) "
+            f"the targets were scored with tokenizer {t_hash} "
+            f"({manifest.get('tokenizer_path', '?')}) "
             f"but the student's tokenizer is {student_tokenizer_hash}; rerun `raydapt teach` with "
             "the student's tokenizer (teach.kind=score needs a shared vocabulary)"
         )
     k = manifest.get("k")
     if isinstance(k, int) and k != teach_k:
-        problems.append(f"the targets hold top-{k} but teach.k={teach_k}; rerun `raydapt teach JOB` "
-                        f"to score top-{teach_k}, or set teach.k={k}")
+        problems.append(
+            f"the targets hold top-{k} but teach.k={teach_k}; rerun `raydapt teach JOB` "
+            f"to score top-{teach_k}, or set teach.k={k}"
+        )
     if problems:
         raise UserError(f"{where}: " + "; ".join(problems))
-
-
-def iter_tables(files: Iterable[Path]) -> Iterable[pa.Table]:
-    for f in files:
-        yield pq.read_table(f)

@@ -37,7 +37,12 @@ class Problem:
     answer: str
 
     def to_row(self) -> dict:
-        return {"task": self.task, "prompt": self.prompt, "response": self.response, "answer": self.answer}
+        return {
+            "task": self.task,
+            "prompt": self.prompt,
+            "response": self.response,
+            "answer": self.answer,
+        }
 
 
 def _add(rng: random.Random, digits: int = 3) -> Problem:
@@ -201,7 +206,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--heldout", type=int, default=200)

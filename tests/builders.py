@@ -44,34 +44,64 @@ def world_pairs(world_dir: Path, n: int) -> list[tuple[str, str]]:
     return out
 
 
-def write_teach_prepared(out: Path, model_dir: Path, world_dir: Path, n_rows: int = 12, n_prompts: int = 4) -> Path:
+def write_teach_prepared(
+    out: Path, model_dir: Path, world_dir: Path, n_rows: int = 12, n_prompts: int = 4
+) -> Path:
     """<out>/prepared with n_rows train rows and n_prompts prompts, tokenized by model_dir."""
     tok = load_tokenizer(model_dir)
     pairs = world_pairs(world_dir, n_rows + n_prompts)
     prepared = Path(out) / "prepared"
     (prepared / "train").mkdir(parents=True, exist_ok=True)
     (prepared / "prompts").mkdir(exist_ok=True)
-    seqs = [np.asarray(tok(p + r, add_special_tokens=False)["input_ids"][:64], np.int32) for p, r in pairs[:n_rows]]
+    seqs = [
+        np.asarray(tok(p + r, add_special_tokens=False)["input_ids"][:64], np.int32)
+        for p, r in pairs[:n_rows]
+    ]
     masks = [np.r_[np.ones(len(s) - 1, np.uint8), np.zeros(1, np.uint8)] for s in seqs]
-    pq.write_table(pa.table({
-        "id": pa.array([_h(p + r) for p, r in pairs[:n_rows]], pa.string()),
-        "input_ids": pa.array(seqs, pa.list_(pa.int32())),
-        "loss_mask": pa.array(masks, pa.list_(pa.uint8())),
-        "label": pa.array([-1] * n_rows, pa.int32()),
-    }), prepared / "train" / "part-00000.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array([_h(p + r) for p, r in pairs[:n_rows]], pa.string()),
+                "input_ids": pa.array(seqs, pa.list_(pa.int32())),
+                "loss_mask": pa.array(masks, pa.list_(pa.uint8())),
+                "label": pa.array([-1] * n_rows, pa.int32()),
+            }
+        ),
+        prepared / "train" / "part-00000.parquet",
+    )
     prompts = [p for p, _ in pairs[n_rows:]]
-    rendered = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts]
-    pq.write_table(pa.table({
-        "id": pa.array([_h(p) for p in prompts], pa.string()),
-        "prompt": pa.array(prompts, pa.string()),
-        "prompt_ids": pa.array([tok(t, add_special_tokens=False)["input_ids"] for t in rendered], pa.list_(pa.int32())),
-        "answer": pa.array([r for _, r in pairs[n_rows:]], pa.string()),
-    }), prepared / "prompts" / "part-00000.parquet")
-    finish_manifest(prepared, {
-        "fingerprint": "test", "seq_len": 64, "tokenizer_path": str(model_dir), "tokenizer_hash": tokenizer_hash(tok),
-        "pad_id": tok.pad_token_id, "vocab_size": len(tok), "rows": {"train": n_rows, "validation": 0},
-    })
+    rendered = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array([_h(p) for p in prompts], pa.string()),
+                "prompt": pa.array(prompts, pa.string()),
+                "prompt_ids": pa.array(
+                    [tok(t, add_special_tokens=False)["input_ids"] for t in rendered],
+                    pa.list_(pa.int32()),
+                ),
+                "answer": pa.array([r for _, r in pairs[n_rows:]], pa.string()),
+            }
+        ),
+        prepared / "prompts" / "part-00000.parquet",
+    )
+    finish_manifest(
+        prepared,
+        {
+            "fingerprint": "test",
+            "seq_len": 64,
+            "tokenizer_path": str(model_dir),
+            "tokenizer_hash": tokenizer_hash(tok),
+            "pad_id": tok.pad_token_id,
+            "vocab_size": len(tok),
+            "rows": {"train": n_rows, "validation": 0},
+        },
+    )
     return prepared
 
 
@@ -80,11 +110,16 @@ def _h(s: str) -> str:
 
 
 def teach_job(out: Path, teacher: Path | str, **teach):
-    return job_from_dict({
-        "name": "t", "output_dir": str(out), "stages": ["teach"],
-        "teacher": {"path": str(teacher), "dtype": "float32"}, "student": {"path": str(teacher)},
-        "teach": {"batch_size": 4, "k": K, "max_model_len": 256, **teach},
-    })
+    return job_from_dict(
+        {
+            "name": "t",
+            "output_dir": str(out),
+            "stages": ["teach"],
+            "teacher": {"path": str(teacher), "dtype": "float32"},
+            "student": {"path": str(teacher)},
+            "teach": {"batch_size": 4, "k": K, "max_model_len": 256, **teach},
+        }
+    )
 
 
 def run_teach(cfg) -> dict:
@@ -110,7 +145,11 @@ def train_rows(world_dir: Path, model_dir: Path, limit: int = 240) -> list[tuple
     for line in open(world_dir / "train.jsonl"):
         r = json.loads(line)
         text = r.get("text") or (r["prompt"] + "\n" + r["response"])
-        ids = [tok.bos_token_id] + tok.encode(text, add_special_tokens=False)[: SEQ_LEN - 2] + [tok.eos_token_id]
+        ids = (
+            [tok.bos_token_id]
+            + tok.encode(text, add_special_tokens=False)[: SEQ_LEN - 2]
+            + [tok.eos_token_id]
+        )
         label = TASKS.index(r["task"]) if r["task"] in TASKS else -1
         rows.append((f"r{len(rows):05d}", ids, [1] * (len(ids) - 1) + [0], label))
         if len(rows) >= limit:
@@ -118,41 +157,70 @@ def train_rows(world_dir: Path, model_dir: Path, limit: int = 240) -> list[tuple
     return rows
 
 
-def write_train_prepared(out: Path, model_dir: Path, rows: list[tuple], n_val: int = 32, seq_len: int = SEQ_LEN) -> Path:
+def write_train_prepared(
+    out: Path, model_dir: Path, rows: list[tuple], n_val: int = 32, seq_len: int = SEQ_LEN
+) -> Path:
     tok = load_tokenizer(model_dir)
     with atomic_dir(out) as tmp:
         for split, part in (("train", rows[n_val:]), ("validation", rows[:n_val])):
             (tmp / split).mkdir()
-            table = pa.table({
-                "id": pa.array([r[0] for r in part], pa.string()),
-                "input_ids": pa.array([r[1] for r in part], pa.list_(pa.int32())),
-                "loss_mask": pa.array([r[2] for r in part], pa.list_(pa.uint8())),
-                "label": pa.array([r[3] for r in part], pa.int32()),
-            })
+            table = pa.table(
+                {
+                    "id": pa.array([r[0] for r in part], pa.string()),
+                    "input_ids": pa.array([r[1] for r in part], pa.list_(pa.int32())),
+                    "loss_mask": pa.array([r[2] for r in part], pa.list_(pa.uint8())),
+                    "label": pa.array([r[3] for r in part], pa.int32()),
+                }
+            )
             pq.write_table(table, tmp / split / "part-00000.parquet")
-        finish_manifest(tmp, {
-            "seq_len": seq_len, "tokenizer_hash": tokenizer_hash(tok), "tokenizer_path": str(model_dir),
-            "pad_id": tok.pad_token_id, "rows": {"train": len(rows) - n_val, "validation": n_val},
-            "tokens": sum(len(r[1]) for r in rows), "splits": ["train", "validation"],
-        })
+        finish_manifest(
+            tmp,
+            {
+                "seq_len": seq_len,
+                "tokenizer_hash": tokenizer_hash(tok),
+                "tokenizer_path": str(model_dir),
+                "pad_id": tok.pad_token_id,
+                "rows": {"train": len(rows) - n_val, "validation": n_val},
+                "tokens": sum(len(r[1]) for r in rows),
+                "splits": ["train", "validation"],
+            },
+        )
     return out
 
 
 def train_job(out: Path, model_dir: Path, **keys):
     """A job on `model_dir`; `teach_k`, `student` and `teacher_model` set those sections, the
     rest is train.*. The world corpus is small: the pipeline generates it, tests bring rows."""
-    base = {"max_steps": 6, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 3,
-            "eval_every": 3, "log_every": 3, "num_workers": 0, "cpus_per_worker": 0.5}
+    base = {
+        "max_steps": 6,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "warmup_steps": 1,
+        "checkpoint_every": 3,
+        "eval_every": 3,
+        "num_workers": 0,
+        "cpus_per_worker": 0.5,
+    }
     student = keys.pop("student", {"path": str(model_dir)})
     teacher = keys.pop("teacher_model", {"path": str(model_dir)})
     teach_k = keys.pop("teach_k", 16)
-    return job_from_dict({"name": "t", "output_dir": str(out), "student": student, "teacher": teacher,
-                          "corpus": {"world_train": 60, "world_heldout": 10, "world_markov_docs": 0},
-                          "teach": {"k": teach_k}, "train": {**base, **keys}})
+    return job_from_dict(
+        {
+            "name": "t",
+            "output_dir": str(out),
+            "student": student,
+            "teacher": teacher,
+            "corpus": {"world_train": 60, "world_heldout": 10, "world_markov_docs": 0},
+            "teach": {"k": teach_k},
+            "train": {**base, **keys},
+        }
+    )
 
 
 def train_metrics(cfg) -> list[dict]:
-    return [json.loads(x) for x in (layout.train_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(x) for x in (layout.train_dir(cfg) / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def assert_resumed_exactly(straight, killed, start: int, steps: int, summary: dict) -> None:

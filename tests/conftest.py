@@ -52,10 +52,20 @@ def _ensure_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=1 << 30,
-                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-                                           "TOKENIZERS_PARALLELISM": "false",
-                                           "VLLM_CPU_KVCACHE_SPACE": "1"}})
+        ray.init(
+            address="local",
+            num_cpus=8,
+            include_dashboard=False,
+            object_store_memory=1 << 30,
+            runtime_env={
+                "env_vars": {
+                    "RAY_USAGE_STATS_ENABLED": "0",
+                    "HF_HUB_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false",
+                    "VLLM_CPU_KVCACHE_SPACE": "1",
+                }
+            },
+        )
     return ray
 
 

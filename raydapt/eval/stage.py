@@ -51,8 +51,10 @@ def plan(job: JobConfig, model_dir: str | Path | None = None, name: str = "stude
         return EvalPlan(job, layout.eval_dir(job) / "endpoint.json", "endpoint", None)
     model = Path(model_dir or layout.export_dir(job))
     if not (model / "config.json").is_file():
-        raise UserError(f"eval: no model at {model}; run `raydapt train` first "
-                        f"(it writes {layout.export_dir(job)})")
+        raise UserError(
+            f"eval: no model at {model}; run `raydapt train` first "
+            f"(it writes {layout.export_dir(job)})"
+        )
     if job.corpus.source == "world":
         world_dir(job)  # raises if the world is missing
     else:
@@ -65,10 +67,19 @@ def fingerprint(p: EvalPlan) -> str | None:
     (what it serves can change under the same URL)."""
     if p.model_dir is None:
         return None
-    data = (read_manifest(world_dir(p.job)) if p.job.corpus.source == "world"
-            else read_manifest(layout.prepared_dir(p.job)))
-    return hash_json({"eval": p.job.eval.__dict__, "weights": weights_hash(p.model_dir),
-                      "data": (data or {}).get("fingerprint"), "v": 2})
+    data = (
+        read_manifest(world_dir(p.job))
+        if p.job.corpus.source == "world"
+        else read_manifest(layout.prepared_dir(p.job))
+    )
+    return hash_json(
+        {
+            "eval": p.job.eval.__dict__,
+            "weights": weights_hash(p.model_dir),
+            "data": (data or {}).get("fingerprint"),
+            "v": 2,
+        }
+    )
 
 
 def run(p: EvalPlan) -> dict:
@@ -81,8 +92,11 @@ def run(p: EvalPlan) -> dict:
         metrics = {"model": str(p.model_dir), "val_loss": validation_loss(p.model_dir, p.job)}
         metrics["perplexity"] = math.exp(metrics["val_loss"])
     record = finish_record(p.output, {**metrics, "fingerprint": fingerprint(p)})
-    print(f"[eval] {p.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                         if isinstance(v, float)), flush=True)
+    print(
+        f"[eval] {p.name}: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
+        flush=True,
+    )
     return record
 
 
@@ -95,7 +109,9 @@ def _encode_rows(tok: Any, rows: list[dict]) -> list[tuple[list[int], np.ndarray
     rules = Tokenize(tok, {})
     out = []
     for r in rows:
-        doc, _ = rules.doc({k: v for k, v in r.items() if k in ("text", "prompt", "response", "messages")})
+        doc, _ = rules.doc(
+            {k: v for k, v in r.items() if k in ("text", "prompt", "response", "messages")}
+        )
         if doc is not None:
             out.append((doc.ids, loss_mask_of(np.asarray(doc.target, np.uint8))))
     return out
@@ -118,7 +134,9 @@ def token_loss(model: Any, rows: list[tuple[list[int], Any]], batch_size: int = 
     return total / max(count, 1)
 
 
-def greedy_answers(model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def greedy_answers(
+    model: Any, tok: Any, prompts: list[str], max_new_tokens: int, batch_size: int
+) -> list[str]:
     """Greedy completions of chat-formatted prompts, batched with left padding."""
     import torch
 
@@ -126,17 +144,23 @@ def greedy_answers(model: Any, tok: Any, prompts: list[str], max_new_tokens: int
     outs: list[str] = []
     for i in range(0, len(prompts), batch_size):
         texts = [
-            tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            if getattr(tok, "chat_template", None) else p + "\n"
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            if getattr(tok, "chat_template", None)
+            else p + "\n"
             for p in prompts[i : i + batch_size]
         ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=True)
         with torch.no_grad():
             gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
             )
-        outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return outs
 
 
@@ -150,7 +174,9 @@ def evaluate_model(model_dir: str | Path, rows: list[dict], ecfg: EvalConfig) ->
         out["heldout_loss"] = token_loss(model, _encode_rows(tok, problems), ecfg.batch_size)
         out["perplexity"] = math.exp(out["heldout_loss"])
         t0 = time.perf_counter()
-        preds = greedy_answers(model, tok, [p["prompt"] for p in problems], ecfg.max_new_tokens, ecfg.batch_size)
+        preds = greedy_answers(
+            model, tok, [p["prompt"] for p in problems], ecfg.max_new_tokens, ecfg.batch_size
+        )
         dt = time.perf_counter() - t0
         out["exact_match"] = exact_match(preds, [p["answer"] for p in problems])
         out["decode_tokens_per_s"] = sum(len(tok(p)["input_ids"]) for p in preds) / max(dt, 1e-9)
@@ -158,8 +184,10 @@ def evaluate_model(model_dir: str | Path, rows: list[dict], ecfg: EvalConfig) ->
         for p, pred in zip(problems, preds):
             by_task.setdefault(p["task"], []).append(exact_match([pred], [p["answer"]]))
         out["exact_match_by_task"] = {k: float(np.mean(v)) for k, v in sorted(by_task.items())}
-        out["samples"] = [{"prompt": p["prompt"], "prediction": pred, "answer": p["answer"]}
-                          for p, pred in list(zip(problems, preds))[:5]]
+        out["samples"] = [
+            {"prompt": p["prompt"], "prediction": pred, "answer": p["answer"]}
+            for p, pred in list(zip(problems, preds))[:5]
+        ]
     if markov:
         out["markov_loss"] = token_loss(model, _encode_rows(tok, markov), ecfg.batch_size)
         out["markov_entropy_floor"] = MarkovLanguage().entropy_rate()
@@ -186,10 +214,21 @@ def evaluate_endpoint(cfg: JobConfig) -> dict:
         model = json.load(r)["data"][0]["id"]
     preds = []
     for row in rows:
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": row["prompt"]}],
-                           "max_tokens": cfg.eval.max_new_tokens, "temperature": 0}).encode()
-        req = urllib.request.Request(f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": row["prompt"]}],
+                "max_tokens": cfg.eval.max_new_tokens,
+                "temperature": 0,
+            }
+        ).encode()
+        req = urllib.request.Request(
+            f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=120) as r:
             preds.append(json.load(r)["choices"][0]["message"]["content"])
-    return {"endpoint": base, "exact_match": exact_match(preds, [r["answer"] for r in rows]),
-            "problems": len(rows)}
+    return {
+        "endpoint": base,
+        "exact_match": exact_match(preds, [r["answer"] for r in rows]),
+        "problems": len(rows),
+    }

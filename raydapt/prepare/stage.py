@@ -48,7 +48,9 @@ def file_format(path: str, fmt: str) -> str:
         return fmt
     ext = Path(path.split("?")[0]).suffix
     if ext not in EXTENSIONS:
-        raise UserError(f"corpus: cannot tell the format of {path}; set corpus.format (jsonl|parquet|txt)")
+        raise UserError(
+            f"corpus: cannot tell the format of {path}; set corpus.format (jsonl|parquet|txt)"
+        )
     return EXTENSIONS[ext]
 
 
@@ -59,7 +61,11 @@ def describe_files(paths: list[str]) -> list[dict]:
     out = []
     for p in paths:
         try:
-            fs, inner = pafs.FileSystem.from_uri(p) if "://" in p else (pafs.LocalFileSystem(), os.path.abspath(p))
+            fs, inner = (
+                pafs.FileSystem.from_uri(p)
+                if "://" in p
+                else (pafs.LocalFileSystem(), os.path.abspath(p))
+            )
             info = fs.get_file_info(inner)
         except (OSError, pa.ArrowInvalid) as e:
             raise UserError(f"corpus: cannot stat {p}: {e}") from None
@@ -76,7 +82,9 @@ def _check_parquet(paths: list[str]) -> None:
         try:
             pq.ParquetFile(p).metadata  # noqa: B018 - reading the footer is the check
         except Exception as e:  # noqa: BLE001 - any failure here means an unreadable shard
-            raise UserError(f"corpus: unreadable parquet shard {p}: {e}; remove or re-export it") from None
+            raise UserError(
+                f"corpus: unreadable parquet shard {p}: {e}; remove or re-export it"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- packing
@@ -126,7 +134,7 @@ class _Split:
         self.buffer += rows
         while len(self.buffer) >= self.cfg.rows_per_shard:
             self._write(self.buffer[: self.cfg.rows_per_shard])
-            self.buffer = self.buffer[self.cfg.rows_per_shard:]
+            self.buffer = self.buffer[self.cfg.rows_per_shard :]
 
     def close(self) -> None:
         if self.docs:
@@ -161,7 +169,10 @@ def split_files(prepared: str | os.PathLike, split: str) -> list[str]:
     require_manifest(prepared, "prepared data", "prepare JOB")
     files = sorted(str(f) for f in (Path(prepared) / split).glob("*.parquet"))
     if not files:
-        raise UserError(f"prepared data at {prepared} has no {split!r} rows; lower/raise prepare.val_fraction or add data")
+        raise UserError(
+            f"prepared data at {prepared} has no {split!r} rows; "
+            "lower/raise prepare.val_fraction or add data"
+        )
     return files
 
 
@@ -201,40 +212,73 @@ def plan(job: JobConfig) -> PreparePlan:
     mcfg = AutoConfig.from_pretrained(model_dir)
     check_vocab(mcfg, tok, f"student {model_dir}")
     if job.prepare.seq_len > getattr(mcfg, "max_position_embeddings", 1 << 30):
-        raise UserError(f"prepare.seq_len={job.prepare.seq_len} exceeds the student's "
-                        f"max_position_embeddings ({mcfg.max_position_embeddings}, {model_dir})")
-    return PreparePlan(job, layout.prepared_dir(job), tuple(paths), fmt, tuple(files), str(model_dir),
-                       tokenizer_hash(tok), tok.pad_token_id if tok.pad_token_id is not None else 0,
-                       tok.eos_token_id, len(tok))
+        raise UserError(
+            f"prepare.seq_len={job.prepare.seq_len} exceeds the student's "
+            f"max_position_embeddings ({mcfg.max_position_embeddings}, {model_dir})"
+        )
+    return PreparePlan(
+        job,
+        layout.prepared_dir(job),
+        tuple(paths),
+        fmt,
+        tuple(files),
+        str(model_dir),
+        tokenizer_hash(tok),
+        tok.pad_token_id if tok.pad_token_id is not None else 0,
+        tok.eos_token_id,
+        len(tok),
+    )
 
 
 def fingerprint(p: PreparePlan) -> str:
-    return hash_json({"files": list(p.files), "tok": p.tokenizer_hash, "prepare": p.job.prepare.__dict__,
-                      "corpus": p.job.corpus.__dict__, "v": 1})
+    return hash_json(
+        {
+            "files": list(p.files),
+            "tok": p.tokenizer_hash,
+            "prepare": p.job.prepare.__dict__,
+            "corpus": p.job.corpus.__dict__,
+            "v": 1,
+        }
+    )
 
 
 def run(p: PreparePlan) -> dict:
     """Tokenize in Ray Data, then dedupe, split, pack and write the shards atomically."""
     job = p.job
     opts = {**job.prepare.__dict__, "format": p.format}
-    tokenized = tokenize_dataset(list(p.paths), p.format, p.tokenizer_path, opts, job.prepare.num_blocks)
+    tokenized = tokenize_dataset(
+        list(p.paths), p.format, p.tokenizer_path, opts, job.prepare.num_blocks
+    )
     with atomic_dir(p.output) as tmp:
         stats = write_prepared(tokenized, tmp, job.prepare)
         if stats["rows"]["train"] == 0:
             raise UserError(
                 f"corpus {p.paths[0] if len(p.paths) == 1 else list(p.paths)} has zero usable rows "
-                f"(dropped: {stats['dropped']}); check the row format: text, prompt+response, or messages"
+                f"(dropped: {stats['dropped']}); "
+                "check the row format: text, prompt+response, or messages"
             )
-        manifest = finish_manifest(tmp, {
-            "fingerprint": fingerprint(p), "seq_len": job.prepare.seq_len, "pack": job.prepare.pack,
-            "tokenizer_path": p.tokenizer_path, "tokenizer_hash": p.tokenizer_hash, "pad_id": p.pad_id,
-            "eos_id": p.eos_id, "vocab_size": p.vocab_size, "format": p.format,
-            "source_files": list(p.files), **stats,
-        })
+        manifest = finish_manifest(
+            tmp,
+            {
+                "fingerprint": fingerprint(p),
+                "seq_len": job.prepare.seq_len,
+                "pack": job.prepare.pack,
+                "tokenizer_path": p.tokenizer_path,
+                "tokenizer_hash": p.tokenizer_hash,
+                "pad_id": p.pad_id,
+                "eos_id": p.eos_id,
+                "vocab_size": p.vocab_size,
+                "format": p.format,
+                "source_files": list(p.files),
+                **stats,
+            },
+        )
     print(
         f"[prepare] {manifest['documents']} docs -> {manifest['rows']['train']} train / "
-        f"{manifest['rows']['validation']} validation rows, {manifest['tokens']['train']} train tokens; "
-        f"dropped {manifest['dropped']} -> {p.output}", flush=True
+        f"{manifest['rows']['validation']} validation rows, "
+        f"{manifest['tokens']['train']} train tokens; "
+        f"dropped {manifest['dropped']} -> {p.output}",
+        flush=True,
     )
     return manifest
 
@@ -263,7 +307,11 @@ def tokenize_dataset(paths: list[str], fmt: str, tokenizer_path: str, opts: dict
 def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
     """The ordered part: dedupe, split, pack, write shards and prompts. `batches` is a
     Ray Dataset or any iterable of tokenized pyarrow tables (the single-process baseline)."""
-    it = batches.iter_batches(batch_format="pyarrow", batch_size=None) if hasattr(batches, "iter_batches") else batches
+    it = (
+        batches.iter_batches(batch_format="pyarrow", batch_size=None)
+        if hasattr(batches, "iter_batches")
+        else batches
+    )
     splits = {s: _Split(s, out / s, pcfg) for s in SPLITS}
     dropped = dict.fromkeys(REASONS, 0)
     examples: dict[str, list[str]] = {}
@@ -294,7 +342,9 @@ def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
             if split == "train" and cols["prompt"][i].is_valid and len(cols["prompt_ids"][i]):
                 prompts["id"].append(hashes[i])
                 prompts["prompt"].append(cols["prompt"][i].as_py())
-                prompts["prompt_ids"].append(cols["prompt_ids"][i].values.to_numpy(zero_copy_only=False))
+                prompts["prompt_ids"].append(
+                    cols["prompt_ids"][i].values.to_numpy(zero_copy_only=False)
+                )
                 prompts["answer"].append(cols["answer"][i].as_py())
     bar.close()
     for s in splits.values():
@@ -302,7 +352,9 @@ def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
     if prompts["id"]:
         (out / "prompts").mkdir()
         pq.write_table(
-            pa.table({**prompts, "prompt_ids": pa.array(prompts["prompt_ids"], pa.list_(pa.int32()))}),
+            pa.table(
+                {**prompts, "prompt_ids": pa.array(prompts["prompt_ids"], pa.list_(pa.int32()))}
+            ),
             out / "prompts" / "part-00000.parquet",
         )
     return {

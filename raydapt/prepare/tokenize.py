@@ -50,7 +50,9 @@ class Tokenize:
         mode = self.opts["chat_template"]
         has = bool(getattr(self.tok, "chat_template", None))
         if mode == "always" and not has:
-            raise UserError(f"prepare.chat_template=always but the tokenizer at {tokenizer} has none")
+            raise UserError(
+                f"prepare.chat_template=always but the tokenizer at {tokenizer} has none"
+            )
         self.use_template = has and mode != "never"
         self._wrap = self._template_wrap() if self.use_template else None
 
@@ -60,6 +62,7 @@ class Tokenize:
         Rendering jinja per row dominates tokenizing short rows; most templates are a fixed
         prefix and suffix around the content, which is checked here on two probes.
         """
+
         def render(content: str) -> str:
             return self.tok.apply_chat_template(
                 [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
@@ -74,7 +77,20 @@ class Tokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = _rows_of(batch, self.opts["format"])
-        out: dict[str, list] = {k: [] for k in ("hash", "ids", "target", "label", "reason", "prompt", "prompt_ids", "answer", "where")}
+        out: dict[str, list] = {
+            k: []
+            for k in (
+                "hash",
+                "ids",
+                "target",
+                "label",
+                "reason",
+                "prompt",
+                "prompt_ids",
+                "answer",
+                "where",
+            )
+        }
         for row, where in rows:
             doc, reason = self.doc(row)
             out["reason"].append(reason)
@@ -182,9 +198,9 @@ class Tokenize:
         for i, m in enumerate(messages):
             # Render prefixes and diff them, so masks follow the template exactly.
             text = self._render(messages[: i + 1], False)
-            new = self._encode(text, True)[len(ids):]
+            new = self._encode(text, True)[len(ids) :]
             if m["role"] == "assistant":
-                head = self._encode(self._render(messages[:i], True), True)[len(ids):]
+                head = self._encode(self._render(messages[:i], True), True)[len(ids) :]
                 target += [0] * len(head) + [1] * (len(new) - len(head))
             else:
                 target += [0] * len(new)
@@ -193,7 +209,9 @@ class Tokenize:
 
     def _render(self, messages: list[dict], gen_prompt: bool) -> str:
         if self.use_template:
-            return self.tok.apply_chat_template(messages, add_generation_prompt=gen_prompt, tokenize=False)
+            return self.tok.apply_chat_template(
+                messages, add_generation_prompt=gen_prompt, tokenize=False
+            )
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if gen_prompt else "")
 
@@ -205,7 +223,9 @@ class _Drop(Exception):
 
 def _rows_of(batch: pa.Table, fmt: str) -> list[tuple[Any, str]]:
     """(row, origin) pairs. jsonl arrives as raw lines (read_text) so bad JSON is countable."""
-    paths = batch.column("path").to_pylist() if "path" in batch.column_names else [""] * batch.num_rows
+    paths = (
+        batch.column("path").to_pylist() if "path" in batch.column_names else [""] * batch.num_rows
+    )
     if fmt == "jsonl":
         out = []
         for line, path in zip(batch.column("text").to_pylist(), paths):

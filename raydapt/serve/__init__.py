@@ -8,5 +8,14 @@ models), lora.py (adapters), auth.py (API keys).
 from raydapt.serve.spec import ReplicaSpec, build_spec, resolve_model_dir
 from raydapt.serve.stage import APP_NAME, ServePlan, fingerprint, plan, run, shutdown
 
-__all__ = ["APP_NAME", "ReplicaSpec", "ServePlan", "build_spec", "fingerprint", "plan",
-           "resolve_model_dir", "run", "shutdown"]
+__all__ = [
+    "APP_NAME",
+    "ReplicaSpec",
+    "ServePlan",
+    "build_spec",
+    "fingerprint",
+    "plan",
+    "resolve_model_dir",
+    "run",
+    "shutdown",
+]

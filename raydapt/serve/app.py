@@ -43,11 +43,19 @@ from raydapt.serve.spec import ReplicaSpec, build_spec, replica_env
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry()  # one per replica process
-REQUESTS = Counter("raydapt_requests", "HTTP requests by route and status code",
-                   ["route", "status"], registry=REGISTRY)
-LATENCY = Histogram("raydapt_request_latency_seconds", "Time to the end of the response body",
-                    ["route"], registry=REGISTRY,
-                    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+REQUESTS = Counter(
+    "raydapt_requests",
+    "HTTP requests by route and status code",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "raydapt_request_latency_seconds",
+    "Time to the end of the response body",
+    ["route"],
+    registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 TOKENS = Counter("raydapt_tokens", "Prompt and generated tokens", ["kind"], registry=REGISTRY)
 _KEY_DIGESTS: list[str] = []  # set in the replica's __init__
 _OPEN_ROUTES = ("/health",)
@@ -69,8 +77,11 @@ class Middleware:
         if path not in _OPEN_ROUTES:
             auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not authorized(auth, _KEY_DIGESTS):
-                err = P.APIError(401, "missing or invalid API key: send `Authorization: Bearer "
-                                      "<key>`", type="authentication_error")
+                err = P.APIError(
+                    401,
+                    "missing or invalid API key: send `Authorization: Bearer <key>`",
+                    type="authentication_error",
+                )
                 resp = JSONResponse(err.body(), status_code=401)
                 REQUESTS.labels(route, "401").inc()
                 return await resp(scope, receive, send)
@@ -103,8 +114,9 @@ async def _internal(_: Request, e: Exception) -> JSONResponse:
     return JSONResponse(err.body(), status_code=500)
 
 
-def _entries(tok: Any, ids: list[int], lps: Any, k: int | None, first_none: bool,
-             as_ids: bool = False) -> list[P.Entry]:
+def _entries(
+    tok: Any, ids: list[int], lps: Any, k: int | None, first_none: bool, as_ids: bool = False
+) -> list[P.Entry]:
     """vLLM per-position {token_id: Logprob} dicts -> (token, logprob, top-k) tuples."""
     if as_ids:
         tok = _IdNames()
@@ -154,8 +166,9 @@ class OpenAIServer:
         self.spec = spec
         self.name = spec.name
         # OPENAI_API_SERVER: the batch defaults (max_num_seqs, batched tokens) of `vllm serve`
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**spec.engine),
-                                                usage_context=UsageContext.OPENAI_API_SERVER)
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**spec.engine), usage_context=UsageContext.OPENAI_API_SERVER
+        )
         self.tok = load_tokenizer(spec.model_dir)
         self.max_len = self.engine.model_config.max_model_len
         self.max_n = spec.max_n
@@ -187,8 +200,13 @@ class OpenAIServer:
         if model in self.spec.adapters:
             return await self._load_adapter(model)
         served = self.served()
-        raise P.APIError(404, f"model {model!r} not found; served models: {', '.join(served)}",
-                         "model", code="model_not_found", extra={"available_models": served})
+        raise P.APIError(
+            404,
+            f"model {model!r} not found; served models: {', '.join(served)}",
+            "model",
+            code="model_not_found",
+            extra={"available_models": served},
+        )
 
     def _encode(self, prompt: str | list[int]) -> tuple[str, list[int]]:
         if isinstance(prompt, str):
@@ -201,35 +219,57 @@ class OpenAIServer:
     def _budget(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
         """The generation budget, or a 400 that names the field that is too long."""
         if n_prompt > self.max_len:
-            raise P.APIError(400, f"prompt has {n_prompt} tokens; the context is {self.max_len}",
-                             param, code="context_length_exceeded")
+            raise P.APIError(
+                400,
+                f"prompt has {n_prompt} tokens; the context is {self.max_len}",
+                param,
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             return max(1, self.max_len - n_prompt)
         if n_prompt + max_tokens > self.max_len:
-            raise P.APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds "
-                             f"the context of {self.max_len} tokens", "max_tokens",
-                             code="context_length_exceeded")
+            raise P.APIError(
+                400,
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"the context of {self.max_len} tokens",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
         return max_tokens
 
-    def _params(self, req: Any, max_tokens: int, logprobs: int | None,
-                prompt_logprobs: int | None, stream: bool) -> Any:
+    def _params(
+        self,
+        req: Any,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None,
+        stream: bool,
+    ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
-            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, max_tokens=max(1, max_tokens),
-            stop=req.stop, seed=req.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            max_tokens=max(1, max_tokens),
+            stop=req.stop,
+            seed=req.seed,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
             ignore_eos=req.ignore_eos,
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
 
     async def _run(self, ids: list[int], params: Any, lora: Any) -> AsyncIterator[Any]:
         from vllm.exceptions import VLLMValidationError
 
         try:
-            async for out in self.engine.generate({"prompt_token_ids": ids}, params,
-                                                  uuid.uuid4().hex, lora_request=lora):
+            async for out in self.engine.generate(
+                {"prompt_token_ids": ids}, params, uuid.uuid4().hex, lora_request=lora
+            ):
                 yield out
         except (VLLMValidationError, ValueError) as e:
             raise P.APIError(400, str(e), getattr(e, "parameter", None)) from None
@@ -251,7 +291,9 @@ class OpenAIServer:
     @api.get("/v1/models")
     async def models(self) -> dict:
         cards = [P.ModelCard(id=self.name).model_dump()]
-        cards += [P.ModelCard(id=a, parent=self.name).model_dump() for a in sorted(self.spec.adapters)]
+        cards += [
+            P.ModelCard(id=a, parent=self.name).model_dump() for a in sorted(self.spec.adapters)
+        ]
         return {"object": "list", "data": cards}
 
     @api.post("/v1/completions")
@@ -263,13 +305,17 @@ class OpenAIServer:
         budgets = [self._budget(len(ids), req.max_tokens, "max_tokens") for _, ids in prompts]
         score_only = req.max_tokens == 0
         want_prompt_lp = req.echo and req.logprobs is not None
-        params = [self._params(req, b, req.logprobs, req.logprobs if want_prompt_lp else None,
-                               req.stream) for b in budgets]
+        params = [
+            self._params(req, b, req.logprobs, req.logprobs if want_prompt_lp else None, req.stream)
+            for b in budgets
+        ]
         rid = P.new_id("cmpl")
         if req.stream:
             gen = self._stream_completion(rid, req, prompts, params, lora, score_only)
             return StreamingResponse(gen, media_type="text/event-stream")
-        outs = await asyncio.gather(*[self._final(ids, sp, lora) for (_, ids), sp in zip(prompts, params, strict=False)])
+        outs = await asyncio.gather(
+            *[self._final(ids, sp, lora) for (_, ids), sp in zip(prompts, params, strict=False)]
+        )
         choices, n_prompt, n_gen = [], 0, 0
         for i, ((text, ids), out) in enumerate(zip(prompts, outs, strict=False)):
             n_prompt += len(ids)
@@ -279,7 +325,9 @@ class OpenAIServer:
                 choices.append(self._choice(i * req.n + c.index, req, text, ids, out, c, gen_ids))
         TOKENS.labels("prompt").inc(n_prompt)
         TOKENS.labels("generated").inc(n_gen)
-        return JSONResponse(P.completion_body(rid, req.model, choices, P.usage(n_prompt, n_gen)))
+        return JSONResponse(
+            P.response_body("text_completion", rid, req.model, choices, P.usage(n_prompt, n_gen))
+        )
 
     async def _final(self, ids: list[int], params: Any, lora: Any) -> Any:
         last = None
@@ -287,22 +335,31 @@ class OpenAIServer:
             last = out  # FINAL_ONLY: one output per request
         return last
 
-    def _choice(self, index: int, req: Any, text: str, ids: list[int], out: Any, c: Any,
-                gen_ids: list[int]) -> dict:
+    def _choice(
+        self, index: int, req: Any, text: str, ids: list[int], out: Any, c: Any, gen_ids: list[int]
+    ) -> dict:
         body = "" if not gen_ids else c.text
         lp = None
         if req.logprobs is not None:
             as_ids = req.return_tokens_as_token_ids
-            entries = (_entries(self.tok, ids, out.prompt_logprobs, req.logprobs, True, as_ids)
-                       if req.echo else [])
+            entries = (
+                _entries(self.tok, ids, out.prompt_logprobs, req.logprobs, True, as_ids)
+                if req.echo
+                else []
+            )
             entries += _entries(self.tok, gen_ids, c.logprobs, req.logprobs, False, as_ids)
             lp = P.completion_logprobs(entries)
         finish = "length" if req.max_tokens == 0 else c.finish_reason
-        return {"index": index, "text": (text if req.echo else "") + body, "logprobs": lp,
-                "finish_reason": finish}
+        return {
+            "index": index,
+            "text": (text if req.echo else "") + body,
+            "logprobs": lp,
+            "finish_reason": finish,
+        }
 
-    async def _stream_completion(self, rid: str, req: Any, prompts: list, params: list, lora: Any,
-                                 score_only: bool) -> AsyncIterator[str]:
+    async def _stream_completion(
+        self, rid: str, req: Any, prompts: list, params: list, lora: Any, score_only: bool
+    ) -> AsyncIterator[str]:
         queue: asyncio.Queue = asyncio.Queue()
         n_gen = [0]
 
@@ -318,19 +375,31 @@ class OpenAIServer:
                             ch["text"] = "" if score_only else c.text
                             if ch["logprobs"]:
                                 ch["logprobs"] = P.completion_logprobs(
-                                    _entries(self.tok, gen, c.logprobs, req.logprobs, False,
-                                             req.return_tokens_as_token_ids))
+                                    _entries(
+                                        self.tok,
+                                        gen,
+                                        c.logprobs,
+                                        req.logprobs,
+                                        False,
+                                        req.return_tokens_as_token_ids,
+                                    )
+                                )
                         seen.add(c.index)
                         ch["finish_reason"] = c.finish_reason if c.finished() else None
                         if score_only and c.finished():
                             ch["finish_reason"] = "length"
-                        await queue.put(P.completion_body(rid, req.model, [ch], None))
+                        await queue.put(
+                            P.response_body("text_completion", rid, req.model, [ch], None)
+                        )
             except P.APIError as e:
                 await queue.put(e.body())
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(i, t, ids, sp)) for i, ((t, ids), sp) in enumerate(zip(prompts, params, strict=False))]
+        tasks = [
+            asyncio.create_task(pump(i, t, ids, sp))
+            for i, ((t, ids), sp) in enumerate(zip(prompts, params, strict=False))
+        ]
         try:
             done = 0
             while done < len(tasks):
@@ -341,7 +410,7 @@ class OpenAIServer:
                 yield P.sse(item)
             if req.stream_options and req.stream_options.include_usage:
                 use = P.usage(sum(len(ids) for _, ids in prompts), n_gen[0])
-                yield P.sse(P.completion_body(rid, req.model, [], use))
+                yield P.sse(P.response_body("text_completion", rid, req.model, [], use))
             yield P.sse("[DONE]")
         finally:
             for t in tasks:
@@ -363,21 +432,35 @@ class OpenAIServer:
         sp = self._params(req, budget, k, None, req.stream)
         rid = P.new_id("chatcmpl")
         if req.stream:
-            return StreamingResponse(self._stream_chat(rid, req, ids, sp, lora, k),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream_chat(rid, req, ids, sp, lora, k), media_type="text/event-stream"
+            )
         out = await self._final(ids, sp, lora)
         choices = []
         for c in out.outputs:
-            lp = P.chat_logprobs(_entries(self.tok, list(c.token_ids), c.logprobs, k, False)) if k is not None else None
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": lp, "finish_reason": c.finish_reason})
+            lp = (
+                P.chat_logprobs(_entries(self.tok, list(c.token_ids), c.logprobs, k, False))
+                if k is not None
+                else None
+            )
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                }
+            )
         n_gen = sum(len(c.token_ids) for c in out.outputs)
         TOKENS.labels("prompt").inc(len(ids))
         TOKENS.labels("generated").inc(n_gen)
-        return JSONResponse(P.chat_body(rid, req.model, choices, P.usage(len(ids), n_gen)))
+        return JSONResponse(
+            P.response_body("chat.completion", rid, req.model, choices, P.usage(len(ids), n_gen))
+        )
 
-    async def _stream_chat(self, rid: str, req: Any, ids: list[int], sp: Any, lora: Any,
-                           k: int | None) -> AsyncIterator[str]:
+    async def _stream_chat(
+        self, rid: str, req: Any, ids: list[int], sp: Any, lora: Any, k: int | None
+    ) -> AsyncIterator[str]:
         for i in range(req.n):
             yield P.sse(P.chat_chunk(rid, req.model, i, {"role": "assistant", "content": ""}, None))
         n_gen = 0
@@ -385,9 +468,15 @@ class OpenAIServer:
             async for out in self._run(ids, sp, lora):
                 for c in out.outputs:
                     n_gen += len(c.token_ids)
-                    lp = P.chat_logprobs(_entries(self.tok, list(c.token_ids), c.logprobs, k, False)) if k is not None else None
+                    lp = (
+                        P.chat_logprobs(_entries(self.tok, list(c.token_ids), c.logprobs, k, False))
+                        if k is not None
+                        else None
+                    )
                     finish = c.finish_reason if c.finished() else None
-                    yield P.sse(P.chat_chunk(rid, req.model, c.index, {"content": c.text}, finish, lp))
+                    yield P.sse(
+                        P.chat_chunk(rid, req.model, c.index, {"content": c.text}, finish, lp)
+                    )
         except P.APIError as e:
             yield P.sse(e.body())
         if req.stream_options and req.stream_options.include_usage:
@@ -405,15 +494,23 @@ def build_app(cfg: JobConfig, spec: ReplicaSpec) -> Any:
     s = cfg.serve
     deployment = serve.deployment(Server).options(
         name="OpenAIServer",
-        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                            "initial_replicas": s.min_replicas,
-                            "target_ongoing_requests": s.target_ongoing_requests},
+        autoscaling_config={
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "initial_replicas": s.min_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        },
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
-        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
-                           "runtime_env": {"env_vars": replica_env(cfg)}},
-        health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
+        ray_actor_options={
+            "num_cpus": s.cpus_per_replica,
+            "num_gpus": s.gpus_per_replica,
+            "runtime_env": {"env_vars": replica_env(cfg)},
+        },
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=5,
         # the proxy already logs method, path, status and latency of every request; a second
         # line per request from the replica costs CPU that generation needs on small machines
         logging_config={"enable_access_log": False},
@@ -430,7 +527,9 @@ def build_from_env(args: dict[str, str] | None = None) -> Any:
     args = dict(args or {})
     model = args.pop("model", None) or os.environ.get("RAYDAPT_SERVE_MODEL")
     if not model:
-        raise UserError("build_from_env: set RAYDAPT_SERVE_MODEL (or the application arg "
-                        "`model`) to the HF model folder to serve")
+        raise UserError(
+            "build_from_env: set RAYDAPT_SERVE_MODEL (or the application arg "
+            "`model`) to the HF model folder to serve"
+        )
     cfg = load_job(None, [f"serve.{k}={v}" for k, v in args.items()])
     return build_app(cfg, build_spec(cfg, model))

@@ -30,15 +30,18 @@ def load_key_digests(cfg: ServeConfig) -> list[str]:
     if cfg.api_keys_file:
         path = Path(cfg.api_keys_file)
         if not path.is_file():
-            raise UserError(f"serve.api_keys_file: {path} not found; create it with one key per "
-                            "line, or leave serve.api_keys_file empty")
+            raise UserError(
+                f"serve.api_keys_file: {path} not found; create it with one key per "
+                "line, or leave serve.api_keys_file empty"
+            )
         for line in path.read_text().splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 keys.append(line)
         if not keys:
-            raise UserError(f"serve.api_keys_file: {path} holds no keys; auth would lock "
-                            "everyone out")
+            raise UserError(
+                f"serve.api_keys_file: {path} holds no keys; auth would lock everyone out"
+            )
     return sorted({digest(k) for k in keys})
 
 

@@ -42,10 +42,14 @@ def resolve_adapters(cfg: JobConfig, model_dir: Path, base_name: str) -> dict[st
         if name == base_name:
             problems.append(f"{where}: name collides with the base model's name {base_name!r}")
         elif not (path / "adapter_config.json").is_file():
-            problems.append(f"{where}: {path} is not a PEFT adapter folder (no adapter_config.json)")
+            problems.append(
+                f"{where}: {path} is not a PEFT adapter folder (no adapter_config.json)"
+            )
         elif adapter_rank(path) > cfg.serve.max_lora_rank:
-            problems.append(f"{where}: rank {adapter_rank(path)} > serve.max_lora_rank "
-                            f"{cfg.serve.max_lora_rank}; raise serve.max_lora_rank")
+            problems.append(
+                f"{where}: rank {adapter_rank(path)} > serve.max_lora_rank "
+                f"{cfg.serve.max_lora_rank}; raise serve.max_lora_rank"
+            )
         else:
             out[str(name)] = str(path)
     if problems:

@@ -25,19 +25,38 @@ MAX_LOGPROBS = 20  # vLLM's default engine `max_logprobs`; the OpenAI API caps c
 class APIError(Exception):
     """An error that becomes an OpenAI error body with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None, extra: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict | None = None,
+    ):
         super().__init__(message)
         self.extra = extra or {}
         self.status, self.message, self.param, self.type = status, message, param, type
-        self.code = code or {400: "invalid_value", 401: "invalid_api_key", 404: "model_not_found",
-                             429: "rate_limited", 503: "overloaded"}.get(status, "error")
+        self.code = code or {
+            400: "invalid_value",
+            401: "invalid_api_key",
+            404: "model_not_found",
+            429: "rate_limited",
+            503: "overloaded",
+        }.get(status, "error")
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code, **self.extra}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+                **self.extra,
+            }
+        }
 
 
 # ----------------------------------------------------------------------------- requests
@@ -119,10 +138,15 @@ def parse_request(raw: bytes, cls: type[_Base]) -> Any:
         loc = [str(p) for p in err["loc"] if not str(p).startswith(("list[", "str", "int"))]
         param = loc[0] if loc else None
         if err["type"] == "missing":
-            raise APIError(400, f"missing required field `{param}`", param,
-                           code="missing_required_parameter") from None
-        raise APIError(400, f"invalid `{param}`: {err['msg']} (got {err.get('input')!r:.80})",
-                       param, code="invalid_type") from None
+            raise APIError(
+                400, f"missing required field `{param}`", param, code="missing_required_parameter"
+            ) from None
+        raise APIError(
+            400,
+            f"invalid `{param}`: {err['msg']} (got {err.get('input')!r:.80})",
+            param,
+            code="invalid_type",
+        ) from None
 
 
 def prompts_of(req: CompletionRequest) -> list[str | list[int]]:
@@ -154,8 +178,9 @@ def check_sampling(req: Any, max_n: int) -> None:
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"`logprobs` must be in [0, {MAX_LOGPROBS}]", "logprobs")
         if mt == 0 and not req.echo:
-            raise APIError(400, "`max_tokens` may be 0 only with `echo` (prompt scoring)",
-                           "max_tokens")
+            raise APIError(
+                400, "`max_tokens` may be 0 only with `echo` (prompt scoring)", "max_tokens"
+            )
     elif req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"`top_logprobs` must be in [0, {MAX_LOGPROBS}]", "top_logprobs")
     if isinstance(req, ChatCompletionRequest) and not req.messages:
@@ -185,26 +210,37 @@ def finite(x: float | None) -> float | None:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_body(rid: str, model: str, choices: list[dict], use: dict | None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": use}
+def response_body(kind: str, rid: str, model: str, choices: list[dict], use: dict | None) -> dict:
+    """A whole response (or a completion stream chunk); kind: text_completion | chat.completion."""
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
-def chat_body(rid: str, model: str, choices: list[dict], use: dict | None) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": use}
-
-
-def chat_chunk(rid: str, model: str, index: int, delta: dict, finish: str | None,
-               logprobs: dict | None = None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                         "finish_reason": finish}]}
+def chat_chunk(
+    rid: str, model: str, index: int, delta: dict, finish: str | None, logprobs: dict | None = None
+) -> dict:
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        ],
+    }
 
 
 Entry = tuple[str, float | None, dict[str, float] | None]  # token, logprob, top-k
@@ -216,18 +252,26 @@ def completion_logprobs(entries: list[Entry], start_offset: int = 0) -> dict:
     for tok, _, _ in entries:
         offsets.append(off)
         off += len(tok)
-    return {"tokens": [e[0] for e in entries], "token_logprobs": [finite(e[1]) for e in entries],
-            "top_logprobs": [e[2] and {k: finite(v) for k, v in e[2].items()} for e in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": [e[0] for e in entries],
+        "token_logprobs": [finite(e[1]) for e in entries],
+        "top_logprobs": [e[2] and {k: finite(v) for k, v in e[2].items()} for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(entries: list[Entry]) -> dict:
     """Chat `logprobs`: one object per generated token with its top alternatives."""
+
     def item(tok: str, lp: float | None) -> dict:
         return {"token": tok, "logprob": finite(lp), "bytes": list(tok.encode())}
 
-    return {"content": [{**item(t, lp), "top_logprobs": [item(k, v) for k, v in (top or {}).items()]}
-                        for t, lp, top in entries]}
+    return {
+        "content": [
+            {**item(t, lp), "top_logprobs": [item(k, v) for k, v in (top or {}).items()]}
+            for t, lp, top in entries
+        ]
+    }
 
 
 def sse(obj: dict | str) -> str:

@@ -40,24 +40,33 @@ def resolve_model_dir(cfg: JobConfig, model_dir: str | None = None) -> Path:
     path = Path(src).expanduser() if src else export_dir(cfg)
     where = "model folder argument" if model_dir else ("serve.model" if src else "train export")
     if not (path / "config.json").is_file():
-        raise UserError(f"{where}: {path} holds no HF model (config.json); run `raydapt train` "
-                        "first or set serve.model to a model folder")
+        raise UserError(
+            f"{where}: {path} holds no HF model (config.json); run `raydapt train` "
+            "first or set serve.model to a model folder"
+        )
     return path.resolve()
 
 
 def replica_env(cfg: JobConfig) -> dict[str, str]:
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.serve.kv_cache_gib))),
-           "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
-           # Route handling and the engine's output loop on the replica's own event loop: the
-           # default extra user-code thread cost ~15 ms per request here (bench/serve.py).
-           "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.serve.kv_cache_gib))),
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Route handling and the engine's output loop on the replica's own event loop: the
+        # default extra user-code thread cost ~15 ms per request here (bench/serve.py).
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    }
     if not cfg.serve.gpus_per_replica:
         # AsyncLLM always runs its engine core in a child process; on CPU this keeps vLLM's
         # worker inside that child instead of starting a third process (one import of torch
         # and vLLM fewer per replica start; see raydapt.teach.vllm_backend)
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    for k in ("HF_HUB_OFFLINE", "HF_HOME", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
-              "VLLM_ENABLE_V1_MULTIPROCESSING"):
+    for k in (
+        "HF_HUB_OFFLINE",
+        "HF_HOME",
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
+        "VLLM_ENABLE_V1_MULTIPROCESSING",
+    ):
         if k in os.environ:
             env[k] = os.environ[k]
     return env
@@ -71,11 +80,22 @@ def build_spec(cfg: JobConfig, model_dir: str | None = None) -> ReplicaSpec:
     adapters = resolve_adapters(cfg, path, name)
     rank = next((r for r in _LORA_RANKS if r >= s.max_lora_rank), _LORA_RANKS[-1])
     engine: dict[str, Any] = {
-        "model": str(path), "dtype": engine_dtype(s.dtype, path, s.gpus_per_replica > 0), "enforce_eager": s.gpus_per_replica == 0,
-        "max_model_len": s.max_model_len or None, "disable_log_stats": True,
-        "enable_lora": bool(adapters), "max_logprobs": 20,
+        "model": str(path),
+        "dtype": engine_dtype(s.dtype, path, s.gpus_per_replica > 0),
+        "enforce_eager": s.gpus_per_replica == 0,
+        "max_model_len": s.max_model_len or None,
+        "disable_log_stats": True,
+        "enable_lora": bool(adapters),
+        "max_logprobs": 20,
     }
     if adapters:
         engine.update(max_loras=s.max_loras, max_lora_rank=rank, max_cpu_loras=s.max_loras)
-    return ReplicaSpec(name=name, model_dir=str(path), adapters=adapters, engine=engine, max_n=s.max_n,
-                       max_loras=s.max_loras, key_digests=tuple(load_key_digests(s)))
+    return ReplicaSpec(
+        name=name,
+        model_dir=str(path),
+        adapters=adapters,
+        engine=engine,
+        max_n=s.max_n,
+        max_loras=s.max_loras,
+        key_digests=tuple(load_key_digests(s)),
+    )

@@ -1,7 +1,8 @@
 """`raydapt serve JOB|MODEL_DIR`: an OpenAI-compatible HTTP server on Ray Serve and vLLM.
 
     raydapt serve jobs/demo.yaml serve.port=8000
-    curl -s localhost:8000/v1/completions -d '{"model": "final", "prompt": "12+34=", "max_tokens": 8}'
+    curl -s localhost:8000/v1/completions \
+        -d '{"model": "final", "prompt": "12+34=", "max_tokens": 8}'
 
 Serves `serve.model`, else the train stage's export (`layout.export_dir`), plus the LoRA
 adapters of `serve.adapters` (or `<export>/adapter`), selected by the request's `model`.

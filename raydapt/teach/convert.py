@@ -1,6 +1,7 @@
 """Pure numpy helpers of the teacher stage: logprob outputs -> dense (T, k) arrays, ids, seeds.
 
-No Ray, no vLLM, no torch here, so the trainer-facing conventions are testable on their own.
+No Ray and no vLLM here, so the trainer-facing conventions are testable on their own; the
+next-token shift itself is raydapt.rows.loss_mask_of, shared with prepare.
 
 Alignment (raydapt.rows): row position t holds the teacher's distribution over token t+1 given
 tokens 0..t, i.e. vLLM's `prompt_logprobs[t + 1]` and transformers' `logits[t]`.
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from raydapt.rows import loss_mask_of
+
 MAX_K = 128  # hard cap on teach.k: the engine's max_logprobs is set to k, and memory grows with it
 
 
@@ -34,7 +37,8 @@ def dense_from_flat(flat: Any, n_tokens: int, k: int) -> tuple[np.ndarray, np.nd
 
     Position p of `flat` is the distribution over prompt token p (p=0 is empty); each holds
     the actual token and then the top k by rank (the actual token twice when it is in the
-    top k). We keep exactly the distinct entries with rank 1..k, in rank order, and shift by one so that row t = position t+1.
+    top k). We keep exactly the distinct entries with rank 1..k, in rank order, and shift by one
+    so that row t = position t+1.
     """
     fast = _dense_from_full_flat(flat, n_tokens, k)
     if fast is not None:
@@ -77,7 +81,9 @@ def _dense_from_full_flat(flat: Any, n_tokens: int, k: int) -> tuple[np.ndarray,
     return ids, lps
 
 
-def dense_from_dicts(positions: Sequence[dict | None], n_tokens: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def dense_from_dicts(
+    positions: Sequence[dict | None], n_tokens: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The same as `dense_from_flat` for the classic `list[dict[int, Logprob] | None]` form."""
     ids = np.zeros((n_tokens, k), np.int64)  # (T, k)
     lps = np.full((n_tokens, k), -np.inf, np.float32)  # (T, k)
@@ -85,13 +91,23 @@ def dense_from_dicts(positions: Sequence[dict | None], n_tokens: int, k: int) ->
         d = positions[t + 1] or {}
         tok = np.fromiter(d.keys(), np.int64, len(d))
         lp = np.fromiter((v.logprob for v in d.values()), np.float32, len(d))
-        rank = np.fromiter((v.rank if v.rank is not None else 1 << 30 for v in d.values()), np.int64, len(d))
+        rank = np.fromiter(
+            (v.rank if v.rank is not None else 1 << 30 for v in d.values()), np.int64, len(d)
+        )
         _fill(ids, lps, t, tok, lp, rank, k)
     pad_row(ids, lps, n_tokens - 1)
     return ids, lps
 
 
-def _fill(ids: np.ndarray, lps: np.ndarray, t: int, tok: np.ndarray, lp: np.ndarray, rank: np.ndarray, k: int) -> None:
+def _fill(
+    ids: np.ndarray,
+    lps: np.ndarray,
+    t: int,
+    tok: np.ndarray,
+    lp: np.ndarray,
+    rank: np.ndarray,
+    k: int,
+) -> None:
     """Top k of one position by rank. The flat form lists the actual token first and then the
     top k, so a token that is both appears twice: keep each id once."""
     _, first = np.unique(tok, return_index=True)
@@ -116,10 +132,8 @@ def dense_from_logprobs(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 
 def response_loss_mask(n_prompt: int, n_response: int) -> np.ndarray:
     """Aligned with logits: 1 at positions n_prompt-1 .. T-2, which predict the response tokens."""
-    mask = np.zeros(n_prompt + n_response, np.uint8)
-    if n_response and n_prompt:
-        mask[n_prompt - 1 : n_prompt + n_response - 1] = 1
-    return mask
+    learned = np.r_[np.zeros(n_prompt, np.uint8), np.ones(n_response, np.uint8)]  # token-aligned
+    return loss_mask_of(learned)
 
 
 def sample_id(prompt_id: str, sample_index: int) -> str:

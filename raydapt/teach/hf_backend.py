@@ -41,13 +41,18 @@ class HFBackend:
         while i < len(order):
             t_max = len(seqs[order[i]])
             j = i
-            while j < len(order) and (j - i + 1) * max(t_max, len(seqs[order[j]])) <= self.max_batch_tokens:
+            while (
+                j < len(order)
+                and (j - i + 1) * max(t_max, len(seqs[order[j]])) <= self.max_batch_tokens
+            ):
                 t_max = max(t_max, len(seqs[order[j]]))
                 j += 1
             j = max(j, i + 1)
             group = order[i:j]
             with torch.inference_mode():
-                for idx, res in zip(group, self._score_group([seqs[g] for g in group]), strict=True):
+                for idx, res in zip(
+                    group, self._score_group([seqs[g] for g in group]), strict=True
+                ):
                     out[idx] = res
             i = j
         return out  # type: ignore[return-value]
@@ -61,7 +66,9 @@ class HFBackend:
         for b, s in enumerate(seqs):
             ids[b, : len(s)] = torch.as_tensor(np.asarray(s, np.int64))
             attn[b, : len(s)] = 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits  # (B, T, V)
+        logits = self.model(
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device)
+        ).logits  # (B, T, V)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
         top_lp, top_id = logp.topk(self.k, dim=-1)  # (B, T, k), sorted descending
         res = []
@@ -73,7 +80,9 @@ class HFBackend:
             res.append((a, p))
         return res
 
-    def generate(self, prompts: list[list[int]], seeds: list[list[int]], gen: Sampling) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], seeds: list[list[int]], gen: Sampling
+    ) -> list[list[Sample]]:
         """len(seeds[i]) samples of prompt i, each drawn after torch.manual_seed(its seed)."""
         import torch
 
@@ -87,11 +96,17 @@ class HFBackend:
                 torch.manual_seed(seed)
                 with torch.inference_mode():
                     y = self.model.generate(
-                        x, attention_mask=torch.ones_like(x), do_sample=gen.temperature > 0,
-                        temperature=gen.temperature or None, top_p=gen.top_p, top_k=0,
-                        max_new_tokens=gen.max_tokens, eos_token_id=eos, pad_token_id=pad,
+                        x,
+                        attention_mask=torch.ones_like(x),
+                        do_sample=gen.temperature > 0,
+                        temperature=gen.temperature or None,
+                        top_p=gen.top_p,
+                        top_k=0,
+                        max_new_tokens=gen.max_tokens,
+                        eos_token_id=eos,
+                        pad_token_id=pad,
                     )  # (1, P + new)
-                row.append(self._sample(y[0, x.shape[1]:].tolist(), eos, gen.stop))
+                row.append(self._sample(y[0, x.shape[1] :].tolist(), eos, gen.stop))
             results.append(row)
         return results
 

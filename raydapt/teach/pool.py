@@ -69,7 +69,9 @@ class TeacherActor:
     def __init__(self, spec: ActorSpec):
         self.spec = spec
         self.backend = make_backend(spec)
-        self.student_tok = None if spec.same_tokenizer else load_tokenizer(spec.student_tokenizer_path)
+        self.student_tok = (
+            None if spec.same_tokenizer else load_tokenizer(spec.student_tokenizer_path)
+        )
         self.store = PartStore(spec.final)
         self.parts = 0
         self.fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
@@ -84,12 +86,19 @@ class TeacherActor:
         t1 = time.time()
         self.parts += 1
         if self.fail_after and self.parts >= self.fail_after:
-            raise RuntimeError(f"{FAIL_AFTER_ENV}={self.fail_after}: simulated crash after {self.parts} part(s)")
+            raise RuntimeError(
+                f"{FAIL_AFTER_ENV}={self.fail_after}: simulated crash after {self.parts} part(s)"
+            )
         lengths = pa.compute.list_value_length(table.column("input_ids"))
-        return pa.table({"id": table.column("id"), "tokens": lengths.cast(pa.int64()),
-                         "actor": pa.array([os.getpid()] * table.num_rows, pa.int64()),
-                         "t0": pa.array([t0] * table.num_rows, pa.float64()),
-                         "t1": pa.array([t1] * table.num_rows, pa.float64())})
+        return pa.table(
+            {
+                "id": table.column("id"),
+                "tokens": lengths.cast(pa.int64()),
+                "actor": pa.array([os.getpid()] * table.num_rows, pa.int64()),
+                "t0": pa.array([t0] * table.num_rows, pa.float64()),
+                "t1": pa.array([t1] * table.num_rows, pa.float64()),
+            }
+        )
 
 
 def run_pool(rows: pa.Table, spec: ActorSpec, tcfg: TeachConfig) -> dict:
@@ -136,7 +145,11 @@ def run_pool(rows: pa.Table, spec: ActorSpec, tcfg: TeachConfig) -> dict:
             bar.update(b.num_rows, tokens=n_tokens, actors=len(actors))
     # busy: seconds inside batches (engine + conversion + part write); span: first start to last end
     starts = [t0 for _, t0 in batches]
-    return {"rows": n_rows, "tokens": n_tokens, "actors": len(actors),
-            "busy_s": sum(e - t0 for (_, t0), (e, _) in batches.items()),
-            "span_s": (max(e for e, _ in batches.values()) - min(starts)) if batches else 0.0,
-            "batch_tokens_per_s": [n / max(e - t0, 1e-9) for (_, t0), (e, n) in batches.items()]}
+    return {
+        "rows": n_rows,
+        "tokens": n_tokens,
+        "actors": len(actors),
+        "busy_s": sum(e - t0 for (_, t0), (e, _) in batches.items()),
+        "span_s": (max(e for e, _ in batches.values()) - min(starts)) if batches else 0.0,
+        "batch_tokens_per_s": [n / max(e - t0, 1e-9) for (_, t0), (e, n) in batches.items()],
+    }

@@ -23,13 +23,17 @@ from raydapt.targets import PartStore, id_dtype_for, make_table
 
 
 @torch.no_grad()
-def topk_logprobs(model: torch.nn.Module, input_ids: list[np.ndarray], k: int, pad_id: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def topk_logprobs(
+    model: torch.nn.Module, input_ids: list[np.ndarray], k: int, pad_id: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per row: (T, k) top-k ids and (T, k) log-probs of the next token at temperature 1."""
     t = max(len(x) for x in input_ids)
     batch = torch.full((len(input_ids), t), pad_id, dtype=torch.long)
     for i, x in enumerate(input_ids):
         batch[i, : len(x)] = torch.as_tensor(np.asarray(x, np.int64))
-    logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V); right padding is causal-safe
+    logits = model(
+        input_ids=batch, use_cache=False
+    ).logits.float()  # (B, T, V); right padding is causal-safe
     lp, ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)  # (B, T, k)
     return [(ids[i, : len(x)].numpy(), lp[i, : len(x)].numpy()) for i, x in enumerate(input_ids)]
 
@@ -57,8 +61,13 @@ def score_topk(
     for s in range(0, len(ids), batch_size):
         scored = topk_logprobs(model, inp[s : s + batch_size], k, tok.pad_token_id or 0)
         table = make_table(
-            ids[s : s + batch_size], inp[s : s + batch_size], mask[s : s + batch_size],
-            [a for a, _ in scored], [b for _, b in scored], k, id_dtype,
+            ids[s : s + batch_size],
+            inp[s : s + batch_size],
+            mask[s : s + batch_size],
+            [a for a, _ in scored],
+            [b for _, b in scored],
+            k,
+            id_dtype,
         )
         store.write(table)
     lineage = {

@@ -40,8 +40,16 @@ from raydapt.teach.pool import run_pool
 from raydapt.teach.spec import ActorSpec, Sampling
 
 # Keys of the `teach` section that change only how fast the work runs, never its output.
-RESOURCE_KEYS = ("min_actors", "max_actors", "batch_size", "cpus_per_actor", "gpus_per_actor",
-                 "kv_cache_gib", "gpu_memory_utilization", "tensor_parallel_size")
+RESOURCE_KEYS = (
+    "min_actors",
+    "max_actors",
+    "batch_size",
+    "cpus_per_actor",
+    "gpus_per_actor",
+    "kv_cache_gib",
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+)
 FINGERPRINT_FILE = "fingerprint.json"
 
 
@@ -58,12 +66,18 @@ def _teacher_path(cfg: JobConfig) -> Path | str:
         return Path(os.path.expanduser(path))
     if is_hub_id(path):
         return path  # loading it below raises a UserError if the hub (or cache) lacks it
-    raise UserError(f"teacher.path: model folder {path} does not exist; point it at an HF model folder or a hub id")
+    raise UserError(
+        f"teacher.path: model folder {path} does not exist; "
+        "point it at an HF model folder or a hub id"
+    )
 
 
 def _check_k(cfg: JobConfig) -> None:
     if cfg.teach.kind != "generate" and not 1 <= cfg.teach.k <= MAX_K:
-        raise UserError(f"teach.k={cfg.teach.k}: the teacher stores between 1 and {MAX_K} logprobs per position; lower teach.k")
+        raise UserError(
+            f"teach.k={cfg.teach.k}: the teacher stores between 1 and {MAX_K} logprobs "
+            "per position; lower teach.k"
+        )
 
 
 def _teacher_info(cfg: JobConfig) -> dict:
@@ -74,24 +88,36 @@ def _teacher_info(cfg: JobConfig) -> dict:
     mcfg = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.teacher.trust_remote_code)
     max_pos = int(getattr(mcfg, "max_position_embeddings", 0) or 2048)
     if cfg.teach.max_model_len > max_pos:
-        raise UserError(f"teach.max_model_len={cfg.teach.max_model_len} exceeds the teacher's max_position_embeddings "
-                        f"({max_pos}, {path}); lower it or set 0 to use the model's")
+        raise UserError(
+            f"teach.max_model_len={cfg.teach.max_model_len} "
+            "exceeds the teacher's max_position_embeddings "
+            f"({max_pos}, {path}); lower it or set 0 to use the model's"
+        )
     on_gpu = cfg.teach.gpus_per_actor > 0
-    return {"path": str(Path(path).resolve()) if os.path.isdir(path) else str(path),
-            "weights_hash": weights_hash(path), "tokenizer_hash": tokenizer_hash(tok),
-            "vocab_size": int(getattr(mcfg, "vocab_size", len(tok))),
-            "dtype": engine_dtype(cfg.teacher.dtype, path, on_gpu) if cfg.teach.backend == "vllm" else cfg.teacher.dtype,
-            "max_model_len": cfg.teach.max_model_len or max_pos}
+    return {
+        "path": str(Path(path).resolve()) if os.path.isdir(path) else str(path),
+        "weights_hash": weights_hash(path),
+        "tokenizer_hash": tokenizer_hash(tok),
+        "vocab_size": int(getattr(mcfg, "vocab_size", len(tok))),
+        "dtype": engine_dtype(cfg.teacher.dtype, path, on_gpu)
+        if cfg.teach.backend == "vllm"
+        else cfg.teacher.dtype,
+        "max_model_len": cfg.teach.max_model_len or max_pos,
+    }
 
 
 def _check_tokenizers(cfg: JobConfig, teacher: dict, source: dict) -> bool:
     same = teacher["tokenizer_hash"] == source["tokenizer_hash"]
     if not same and cfg.teach.kind != "generate":
         raise UserError(
-            f"teach.kind={cfg.teach.kind} needs the teacher and student to share a tokenizer, but the teacher "
-            f"{teacher['path']} has tokenizer {teacher['tokenizer_hash']} and the prepared data (student) uses "
-            f"{source.get('tokenizer_path')} with tokenizer {source['tokenizer_hash']}; use a teacher with the "
-            "student's tokenizer, or teach.kind=generate (text targets are re-tokenized for the student)"
+            f"teach.kind={cfg.teach.kind} needs the teacher and student to share a tokenizer, "
+            "but the teacher "
+            f"{teacher['path']} has tokenizer {teacher['tokenizer_hash']} "
+            "and the prepared data (student) uses "
+            f"{source.get('tokenizer_path')} with tokenizer {source['tokenizer_hash']}; "
+            "use a teacher with the "
+            "student's tokenizer, or teach.kind=generate "
+            "(text targets are re-tokenized for the student)"
         )
     return same
 
@@ -110,7 +136,11 @@ def load_rows(cfg: JobConfig, prepared: Path) -> pa.Table:
     tables = [pq.read_table(f, columns=cols) for f in files]
     rows = pa.concat_tables(tables) if tables else None
     if rows is None or rows.num_rows == 0:
-        hint = "the corpus has no prompt/response or chat rows" if cfg.teach.kind != "score" else "check teach.split"
+        hint = (
+            "the corpus has no prompt/response or chat rows"
+            if cfg.teach.kind != "score"
+            else "check teach.split"
+        )
         raise UserError(f"teach: the prepared data at {prepared} has no {what} to teach ({hint})")
     return rows
 
@@ -118,13 +148,20 @@ def load_rows(cfg: JobConfig, prepared: Path) -> pa.Table:
 def check_lengths(cfg: JobConfig, rows: pa.Table, max_model_len: int) -> None:
     col = "input_ids" if cfg.teach.kind == "score" else "prompt_ids"
     lengths = pa.compute.list_value_length(rows.column(col)).to_numpy(zero_copy_only=False)
-    limit = max_model_len if cfg.teach.kind == "score" else max_model_len - 1  # generate needs >= 1 new token
-    bad = [(rows.column("id")[int(i)].as_py(), int(lengths[i])) for i in (lengths > limit).nonzero()[0][:5]]
+    limit = (
+        max_model_len if cfg.teach.kind == "score" else max_model_len - 1
+    )  # generate needs >= 1 new token
+    bad = [
+        (rows.column("id")[int(i)].as_py(), int(lengths[i]))
+        for i in (lengths > limit).nonzero()[0][:5]
+    ]
     empty = int((lengths == 0).sum())
     if bad:
         raise UserError(
-            f"teach: {int((lengths > limit).sum())} row(s) in column {col} are longer than the engine context "
-            f"({max_model_len} tokens, teach.max_model_len or the teacher's max_position_embeddings), e.g. "
+            f"teach: {int((lengths > limit).sum())} row(s) in column {col} "
+            "are longer than the engine context "
+            f"({max_model_len} tokens, "
+            "teach.max_model_len or the teacher's max_position_embeddings), e.g. "
             + ", ".join(f"id {i} with {n} tokens" for i, n in bad)
             + "; raise teach.max_model_len or prepare with a smaller prepare.seq_len"
         )
@@ -158,9 +195,18 @@ def plan(job: JobConfig) -> TeachPlan:
 
 def fingerprint(p: TeachPlan) -> str:
     teach = {k: v for k, v in dataclasses.asdict(p.job.teach).items() if k not in RESOURCE_KEYS}
-    teacher = {k: p.teacher[k] for k in ("weights_hash", "tokenizer_hash", "dtype", "max_model_len")}
-    return hash_json({"teach": teach, "teacher": teacher, "student_tokenizer": p.source["tokenizer_hash"],
-                      "source": hash_json(p.source), "v": 1})
+    teacher = {
+        k: p.teacher[k] for k in ("weights_hash", "tokenizer_hash", "dtype", "max_model_len")
+    }
+    return hash_json(
+        {
+            "teach": teach,
+            "teacher": teacher,
+            "student_tokenizer": p.source["tokenizer_hash"],
+            "source": hash_json(p.source),
+            "v": 1,
+        }
+    )
 
 
 def open_store(final: Path, fp: str) -> PartStore:
@@ -189,7 +235,11 @@ def pending(cfg: JobConfig, rows: pa.Table, done: set[str]) -> pa.Table:
     if cfg.teach.kind == "score":
         keep = [i for i, x in enumerate(ids) if x not in done]
     else:
-        keep = [i for i, x in enumerate(ids) if any(sample_id(x, j) not in done for j in range(cfg.teach.n))]
+        keep = [
+            i
+            for i, x in enumerate(ids)
+            if any(sample_id(x, j) not in done for j in range(cfg.teach.n))
+        ]
     return rows.take(pa.array(keep, pa.int64()))
 
 
@@ -210,8 +260,11 @@ def run(p: TeachPlan) -> dict:
     store = open_store(final, fp)
     done = store.done_ids()
     todo = pending(cfg, rows, done)
-    print(f"[teach] {cfg.teach.kind} with {cfg.teach.backend}: {rows.num_rows} input rows, "
-          f"{rows.num_rows - todo.num_rows} already done", flush=True)
+    print(
+        f"[teach] {cfg.teach.kind} with {cfg.teach.backend}: {rows.num_rows} input rows, "
+        f"{rows.num_rows - todo.num_rows} already done",
+        flush=True,
+    )
     t0 = time.perf_counter()
     stats = {"rows": 0, "tokens": 0, "actors": 0}
     if todo.num_rows:
@@ -219,48 +272,91 @@ def run(p: TeachPlan) -> dict:
     seconds = time.perf_counter() - t0
     missing = pending(cfg, rows, store.done_ids())
     if missing.num_rows:  # parts vanished under us (another run on the same output_dir?)
-        raise UserError(f"teach: {missing.num_rows} of {rows.num_rows} rows have no targets part in {store.dir} "
-                        f"after the pool finished (first: {missing.column('id')[0].as_py()}); the folder was "
-                        "changed from outside this run. Run one teach per output_dir, then rerun to compute the rest")
+        raise UserError(
+            f"teach: {missing.num_rows} of {rows.num_rows} rows have no targets part in "
+            f"{store.dir} "
+            f"after the pool finished (first: {missing.column('id')[0].as_py()}); "
+            "the folder was "
+            "changed from outside this run. "
+            "Run one teach per output_dir, then rerun to compute the rest"
+        )
     manifest = store.finalize(lineage(p, fp))
-    print(f"[teach] computed {stats['rows']} rows / {stats['tokens']} tokens in {seconds:.1f}s; "
-          f"{manifest['rows']} rows, {manifest['bytes_per_token']:.1f} bytes/token -> {final}", flush=True)
-    return {**manifest, "computed_rows": stats["rows"], "computed_tokens": stats["tokens"],
-            "already_done": len(done), "actors_used": stats["actors"], "seconds": seconds,
-            "pool": {k: stats[k] for k in ("busy_s", "span_s", "batch_tokens_per_s") if k in stats}}
+    print(
+        f"[teach] computed {stats['rows']} rows / {stats['tokens']} tokens in {seconds:.1f}s; "
+        f"{manifest['rows']} rows, {manifest['bytes_per_token']:.1f} bytes/token -> {final}",
+        flush=True,
+    )
+    return {
+        **manifest,
+        "computed_rows": stats["rows"],
+        "computed_tokens": stats["tokens"],
+        "already_done": len(done),
+        "actors_used": stats["actors"],
+        "seconds": seconds,
+        "pool": {k: stats[k] for k in ("busy_s", "span_s", "batch_tokens_per_s") if k in stats},
+    }
 
 
 def actor_spec(p: TeachPlan) -> ActorSpec:
     t, teacher = p.job.teach, p.teacher
     return ActorSpec(
-        backend=t.backend, kind=t.kind, k=t.k, model=teacher["path"], dtype=teacher["dtype"],
-        max_model_len=teacher["max_model_len"], tensor_parallel_size=t.tensor_parallel_size,
-        gpu_memory_utilization=t.gpu_memory_utilization, num_gpus=t.gpus_per_actor,
-        trust_remote_code=p.job.teacher.trust_remote_code, seed=t.seed,
-        id_dtype=id_dtype_for(teacher["vocab_size"]), same_tokenizer=p.same_tokenizer,
-        student_tokenizer_path=p.source.get("tokenizer_path"), final=str(Path(p.output).resolve()),
+        backend=t.backend,
+        kind=t.kind,
+        k=t.k,
+        model=teacher["path"],
+        dtype=teacher["dtype"],
+        max_model_len=teacher["max_model_len"],
+        tensor_parallel_size=t.tensor_parallel_size,
+        gpu_memory_utilization=t.gpu_memory_utilization,
+        num_gpus=t.gpus_per_actor,
+        trust_remote_code=p.job.teacher.trust_remote_code,
+        seed=t.seed,
+        id_dtype=id_dtype_for(teacher["vocab_size"]),
+        same_tokenizer=p.same_tokenizer,
+        student_tokenizer_path=p.source.get("tokenizer_path"),
+        final=str(Path(p.output).resolve()),
         gen=sampling(p.job),
     )
 
 
 def sampling(cfg: JobConfig) -> Sampling:
     t = cfg.teach
-    return Sampling(n=t.n, temperature=t.temperature, top_p=t.top_p, max_tokens=t.max_tokens,
-                    stop=tuple(t.stop), seed=t.seed)
+    return Sampling(
+        n=t.n,
+        temperature=t.temperature,
+        top_p=t.top_p,
+        max_tokens=t.max_tokens,
+        stop=tuple(t.stop),
+        seed=t.seed,
+    )
 
 
 def lineage(p: TeachPlan, fp: str) -> dict[str, Any]:
     cfg, teacher, source = p.job, p.teacher, p.source
     logits = cfg.teach.kind != "generate"
     return {
-        "fingerprint": fp, "kind": cfg.teach.kind, "backend": cfg.teach.backend, "split": cfg.teach.split,
+        "fingerprint": fp,
+        "kind": cfg.teach.kind,
+        "backend": cfg.teach.backend,
+        "split": cfg.teach.split,
         "k": cfg.teach.k if logits else None,
-        "teacher": {k: teacher[k] for k in ("path", "weights_hash", "tokenizer_hash", "dtype", "max_model_len")},
-        "tokenizer_hash": source["tokenizer_hash"], "tokenizer_path": source.get("tokenizer_path"),
+        "teacher": {
+            k: teacher[k]
+            for k in ("path", "weights_hash", "tokenizer_hash", "dtype", "max_model_len")
+        },
+        "tokenizer_hash": source["tokenizer_hash"],
+        "tokenizer_path": source.get("tokenizer_path"),
         "engine": engine_version(cfg.teach.backend),
         "vllm_version": engine_version("vllm")["vllm"] if cfg.teach.backend == "vllm" else None,
-        "sampling": dataclasses.asdict(sampling(cfg)) if cfg.teach.kind != "score" else {"prompt_logprobs": cfg.teach.k, "temperature": 1.0},
-        "source": {"path": str(layout.prepared_dir(cfg)), "manifest_hash": hash_json(source),
-                   "fingerprint": source.get("fingerprint")},
-        "encoding": {"topk_ids": id_dtype_for(teacher["vocab_size"]), "topk_logprobs": "float16"} if logits else {},
+        "sampling": dataclasses.asdict(sampling(cfg))
+        if cfg.teach.kind != "score"
+        else {"prompt_logprobs": cfg.teach.k, "temperature": 1.0},
+        "source": {
+            "path": str(layout.prepared_dir(cfg)),
+            "manifest_hash": hash_json(source),
+            "fingerprint": source.get("fingerprint"),
+        },
+        "encoding": {"topk_ids": id_dtype_for(teacher["vocab_size"]), "topk_logprobs": "float16"}
+        if logits
+        else {},
     }

@@ -15,7 +15,8 @@ and then a worker process, each importing torch and vLLM again: on 2 cores that 
 a 53 s engine start, against 19 s in-process, with identical scores. Scoring is somewhat
 slower in-process (6.0 s against 4.7 s for 256 rows in a Ray actor: the engine-core process
 had overlapped the model with the caller's logprob conversion), so a pool scoring millions of
-rows should set the variable to 1, which gives vLLM's default. With the default, only a script that builds the engine itself needs the
+rows should set the variable to 1, which gives vLLM's default. With the default, only a script
+that builds the engine itself needs the
 `if __name__ == "__main__"` guard; inside a Ray actor the subprocesses start fine.
 """
 
@@ -63,7 +64,12 @@ class VLLMBackend:
 
         k = self.k
         sp = SamplingParams(
-            max_tokens=1, prompt_logprobs=k, logprobs=k, detokenize=False, flat_logprobs=True, temperature=1.0
+            max_tokens=1,
+            prompt_logprobs=k,
+            logprobs=k,
+            detokenize=False,
+            flat_logprobs=True,
+            temperature=1.0,
         )
         todo = [i for i, s in enumerate(seqs) if len(s) >= 2]
         prompts = [TokensPrompt(prompt_token_ids=[int(x) for x in seqs[i][:-1]]) for i in todo]
@@ -80,7 +86,9 @@ class VLLMBackend:
             result[i] = (ids, lps)
         return result
 
-    def generate(self, prompts: list[list[int]], seeds: list[list[int]], gen: Sampling) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], seeds: list[list[int]], gen: Sampling
+    ) -> list[list[Sample]]:
         """len(seeds[i]) samples of prompt i, one request per sample with its own seed.
 
         vLLM derives the seeds of an n > 1 request as seed + j, so rows with nearby seeds would
@@ -94,10 +102,16 @@ class VLLMBackend:
         for p, row_seeds in zip(prompts, seeds, strict=True):
             for seed in row_seeds:
                 reqs.append(TokensPrompt(prompt_token_ids=list(map(int, p))))
-                params.append(SamplingParams(
-                    n=1, temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_tokens,
-                    stop=list(gen.stop) or None, seed=seed,
-                ))
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=gen.temperature,
+                        top_p=gen.top_p,
+                        max_tokens=gen.max_tokens,
+                        stop=list(gen.stop) or None,
+                        seed=seed,
+                    )
+                )
         outs = iter(self.llm.generate(reqs, params, use_tqdm=False))
         eos = self.tokenizer.eos_token_id
         result = []
@@ -105,7 +119,9 @@ class VLLMBackend:
             row = []
             for _ in row_seeds:
                 c = next(outs).outputs[0]
-                row.append((list(c.token_ids), c.text, bool(c.token_ids) and c.token_ids[-1] == eos))
+                row.append(
+                    (list(c.token_ids), c.text, bool(c.token_ids) and c.token_ids[-1] == eos)
+                )
             result.append(row)
         return result
 

@@ -29,21 +29,39 @@ def score_batch(backend: Any, batch: pa.Table, spec: ActorSpec) -> pa.Table:
         if len(m):
             m[-1] = 0  # the last position has no next token (already 0 in prepared rows)
     dense = backend.score(seqs)
-    return make_table(ids, seqs, masks, [d[0] for d in dense], [d[1] for d in dense], spec.k, spec.id_dtype)
+    return make_table(
+        ids, seqs, masks, [d[0] for d in dense], [d[1] for d in dense], spec.k, spec.id_dtype
+    )
 
 
-def generate_batch(backend: Any, batch: pa.Table, spec: ActorSpec, student_tok: Any = None) -> pa.Table:
-    """Prompt rows (id, prompt, prompt_ids) -> n sampled rows each; scored too for generate+score."""
+def generate_batch(
+    backend: Any, batch: pa.Table, spec: ActorSpec, student_tok: Any = None
+) -> pa.Table:
+    """Prompt rows (id, prompt, prompt_ids) -> n sampled rows each; scored too for
+    generate+score."""
     gen = spec.gen
     pids = batch.column("id").to_pylist()
     prompt_ids = _lists(batch.column("prompt_ids"), np.int32)
     if spec.same_tokenizer:
         engine_prompts = [p.tolist() for p in prompt_ids]
     else:  # the teacher reads the raw prompt through its own chat template
-        engine_prompts = [teacher_prompt_ids(backend.tokenizer, t) for t in batch.column("prompt").to_pylist()]
+        engine_prompts = [
+            teacher_prompt_ids(backend.tokenizer, t) for t in batch.column("prompt").to_pylist()
+        ]
     seeds = [[row_seed(spec.seed, sample_id(p, j)) for j in range(gen.n)] for p in pids]
     samples = backend.generate(engine_prompts, seeds, gen)
-    cols: dict[str, list] = {k: [] for k in ("id", "input_ids", "loss_mask", "prompt_ids", "response_ids", "text", "sample_index")}
+    cols: dict[str, list] = {
+        k: []
+        for k in (
+            "id",
+            "input_ids",
+            "loss_mask",
+            "prompt_ids",
+            "response_ids",
+            "text",
+            "sample_index",
+        )
+    }
     for pid, p_ids, outs in zip(pids, prompt_ids, samples, strict=True):
         for j, (resp, text, ended) in enumerate(outs):
             if not spec.same_tokenizer:
@@ -58,30 +76,50 @@ def generate_batch(backend: Any, batch: pa.Table, spec: ActorSpec, student_tok: 
             cols["sample_index"].append(j)
     generation = {k: cols[k] for k in ("prompt_ids", "response_ids", "text", "sample_index")}
     if spec.kind == "generate":
-        return make_table(cols["id"], cols["input_ids"], cols["loss_mask"], None, None, spec.k, spec.id_dtype, generation)
+        return make_table(
+            cols["id"],
+            cols["input_ids"],
+            cols["loss_mask"],
+            None,
+            None,
+            spec.k,
+            spec.id_dtype,
+            generation,
+        )
     dense = backend.score(cols["input_ids"])
     return make_table(
-        cols["id"], cols["input_ids"], cols["loss_mask"], [d[0] for d in dense], [d[1] for d in dense],
-        spec.k, spec.id_dtype, generation,
+        cols["id"],
+        cols["input_ids"],
+        cols["loss_mask"],
+        [d[0] for d in dense],
+        [d[1] for d in dense],
+        spec.k,
+        spec.id_dtype,
+        generation,
     )
 
 
 def teacher_prompt_ids(tok: Any, prompt: str) -> list[int]:
     """A raw user prompt through the teacher's chat template (plain text if it has none)."""
     if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = prompt
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def student_ids(tok: Any, text: str, ended: bool) -> list[int]:
-    """A teacher completion re-tokenized for the student; eos kept when the teacher stopped there."""
+    """A teacher completion re-tokenized for the student; eos kept when the teacher stopped
+    there."""
     ids = list(tok(text, add_special_tokens=False)["input_ids"])
     return ids + [tok.eos_token_id] if ended and tok.eos_token_id is not None else ids
 
 
-def teach_batch(backend: Any, batch: pa.Table, spec: ActorSpec, student_tok: Any = None) -> pa.Table:
+def teach_batch(
+    backend: Any, batch: pa.Table, spec: ActorSpec, student_tok: Any = None
+) -> pa.Table:
     if spec.kind == "score":
         return score_batch(backend, batch, spec)
     return generate_batch(backend, batch, spec, student_tok)

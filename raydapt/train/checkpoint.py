@@ -2,7 +2,8 @@
 
 A checkpoint folder holds the DCP shards of {"model", "optim"} (`__<rank>_0.distcp` and
 `.metadata`), one `rng_<rank>.pt` per rank, and `meta.json` (step, scheduler state, world
-size and the run's `ckpt_key`: what a resuming run must share with it), written last by rank 0. Each rank writes into its own
+size and the run's `ckpt_key`: what a resuming run must share with it), written last by rank 0.
+Each rank writes into its own
 temporary folder and passes it to `ray.train.report(checkpoint=...)`; Ray Train uploads all
 ranks' files into one `<storage>/<run>/checkpoint_<step>/` folder and registers it only
 after every rank reported, so a crash mid-save leaves nothing that a resume would read.
@@ -65,7 +66,13 @@ def save(
     import ray.train  # slow to import (about 1 s); only workers report
 
     _, size = world()
-    meta = {"step": step, "ckpt_key": ckpt_key, "world_size": size, "scheduler": sched.state_dict(), "complete": True}
+    meta = {
+        "step": step,
+        "ckpt_key": ckpt_key,
+        "world_size": size,
+        "scheduler": sched.state_dict(),
+        "complete": True,
+    }
     name = f"checkpoint_{step:06d}"
     if local_mode:
         final = train_dir / "checkpoints" / name
@@ -78,7 +85,11 @@ def save(
     try:
         _write_shards(tmp, model, optim, meta)
         barrier()
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=name)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+            checkpoint_dir_name=name,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -92,7 +103,9 @@ def check_folder(folder: Path, ckpt_key: str) -> dict:
             "train.resume=false to start over"
         )
     meta = json.loads(meta_path.read_text())
-    key = meta.get("ckpt_key", meta.get("fingerprint"))  # checkpoints before the rename say "fingerprint"
+    key = meta.get(
+        "ckpt_key", meta.get("fingerprint")
+    )  # checkpoints before the rename say "fingerprint"
     if key != ckpt_key:
         raise UserError(
             f"checkpoint {folder} was written by an incompatible run (model, train.mode or its "
@@ -105,7 +118,9 @@ def check_folder(folder: Path, ckpt_key: str) -> dict:
 def latest_local(train_dir: Path) -> Path | None:
     """The newest complete local-mode checkpoint (torn `.tmp-*` folders are ignored)."""
     root = train_dir / "checkpoints"
-    done = [p for p in sorted(root.glob("checkpoint_*")) if ".tmp-" not in p.name and read_manifest(p)]
+    done = [
+        p for p in sorted(root.glob("checkpoint_*")) if ".tmp-" not in p.name and read_manifest(p)
+    ]
     return done[-1] if done else None
 
 
@@ -115,7 +130,9 @@ def latest_ray(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def restore(folder: Path, model: nn.Module, optim: torch.optim.Optimizer, sched: Any, ckpt_key: str) -> int:
+def restore(
+    folder: Path, model: nn.Module, optim: torch.optim.Optimizer, sched: Any, ckpt_key: str
+) -> int:
     """Load model, optimizer, scheduler and RNG from `folder`; returns the step to continue from."""
     meta = check_folder(folder, ckpt_key)
     rank, _ = world()
@@ -170,7 +187,9 @@ def _write_export(sd: dict, tc: Any, student_path: str, tmp: Path) -> list[str]:
         if is_classification(tc):
             model = load_student(student_path, tc)
         else:
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_path), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(student_path), dtype=torch.float32
+            )
         model.load_state_dict(sd, strict=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

@@ -52,7 +52,9 @@ def epoch_perm(n: int, seed: int, epoch: int) -> np.ndarray:
     return torch.randperm(n, generator=g).numpy()
 
 
-def micro_batch_rows(n: int, seed: int, g: int, global_size: int, rank: int, size: int) -> np.ndarray:
+def micro_batch_rows(
+    n: int, seed: int, g: int, global_size: int, rank: int, size: int
+) -> np.ndarray:
     """Row indices of rank's slice of global micro-batch g (deterministic, see module doc)."""
     start = g * global_size + rank * size
     out = np.empty(size, np.int64)
@@ -65,7 +67,9 @@ def micro_batch_rows(n: int, seed: int, g: int, global_size: int, rank: int, siz
     return out
 
 
-def val_batches(n: int, global_size: int, rank: int, size: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+def val_batches(
+    n: int, global_size: int, rank: int, size: int
+) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """Sequential validation batches; every rank yields the same number (FSDP needs it).
 
     Yields (rows, valid): a short last slice is padded with row 0 marked invalid.

@@ -59,7 +59,10 @@ def mixed_precision(precision: str, use_gpu: bool) -> str:
 
 
 def shard_model(
-    model: nn.Module, precision: str = "fp32", reshard_after_forward: bool = True, min_world: int = 2
+    model: nn.Module,
+    precision: str = "fp32",
+    reshard_after_forward: bool = True,
+    min_world: int = 2,
 ) -> nn.Module:
     """fully_shard every decoder block, then the root.
 

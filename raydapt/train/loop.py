@@ -17,7 +17,7 @@ last step, and nowhere else. It evaluates at each of those steps, so every repor
 `step`, `loss`, the objective's parts and, when a validation split exists, `val_loss`
 (`val_acc` for classification): `reported_metrics(plan)` lists them, and tune checks its
 metric against it before any trial starts. Checkpoint steps report with the checkpoint. The
-console progress line (`train.log_every`) and metrics.jsonl are separate (progress.py).
+console progress and metrics.jsonl are separate (metrics.py).
 
 The driver (stage.py) builds the `TrainPlan` this function receives as `config["plan"]` and
 checks the inputs first; errors found here (no labelled rows, an incompatible checkpoint)
@@ -51,9 +51,9 @@ from raydapt.train.fsdp import (
     shard_model,
     world,
 )
+from raydapt.train.metrics import MetricsLog
 from raydapt.train.modes import build_student, is_classification, load_teacher, trainable
 from raydapt.train.objective import Objective, build_objective, objective_class
-from raydapt.train.progress import MetricsLog
 from raydapt.train.spec import Hold, TrainPlan
 
 FAIL_ENV = "RAYDAPT_FAIL_AT_STEP"  # failure injection for resume tests: raise after this step
@@ -80,8 +80,11 @@ def hold_for_kill(hold: Hold | None, step: int, rank: int) -> None:
 
 def is_report_step(step: int, tc: TrainConfig) -> bool:
     """The reporting policy (module docstring): eval steps, checkpoint steps, the last step."""
-    return (step == tc.max_steps or (tc.eval_every > 0 and step % tc.eval_every == 0)
-            or is_checkpoint_step(step, tc))
+    return (
+        step == tc.max_steps
+        or (tc.eval_every > 0 and step % tc.eval_every == 0)
+        or is_checkpoint_step(step, tc)
+    )
 
 
 def is_checkpoint_step(step: int, tc: TrainConfig) -> bool:
@@ -93,7 +96,10 @@ def reported_metrics(plan: TrainPlan) -> set[str]:
     tc = plan.job.train
     out = {*STEP_METRICS, *objective_class(tc, plan.teacher_path is not None, plan.has_topk).parts}
     if plan.val_files:
-        out |= {"val_loss", *(f"val_{p}" for p in objective_class(tc, False, False).parts if p != "ce")}
+        out |= {
+            "val_loss",
+            *(f"val_{p}" for p in objective_class(tc, False, False).parts if p != "ce"),
+        }
     return out
 
 
@@ -110,8 +116,16 @@ def lr_factor(step: int, tc: TrainConfig) -> float:
     return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_step(model: nn.Module, objective: Objective, optim, sched, batches: list[dict], tc: TrainConfig,
-               params: list[nn.Parameter], device: torch.device) -> dict[str, float]:
+def train_step(
+    model: nn.Module,
+    objective: Objective,
+    optim,
+    sched,
+    batches: list[dict],
+    tc: TrainConfig,
+    params: list[nn.Parameter],
+    device: torch.device,
+) -> dict[str, float]:
     """One optimizer step over `batches` (this rank's micro-batches)."""
     _, ws = world()
     counts = [objective.count(b) for b in batches]
@@ -137,8 +151,14 @@ def train_step(model: nn.Module, objective: Objective, optim, sched, batches: li
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, table, objective: Objective, tc: TrainConfig, pad_id: int,
-             device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    table,
+    objective: Objective,
+    tc: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+) -> dict[str, float]:
     """Held-out mean loss (and the objective's other parts, e.g. val_acc) over the whole
     validation table, weighted like training by the objective's counts."""
     if table is None or table.num_rows == 0:
@@ -149,7 +169,9 @@ def evaluate(model: nn.Module, table, objective: Objective, tc: TrainConfig, pad
     model.eval()
     tot = torch.zeros(len(names) + 1, device=device)  # sum of each name x count, then the count
     with autocast_for(model, mixed_precision(tc.precision, tc.use_gpu), device):
-        for rows, valid in data.val_batches(table.num_rows, tc.batch_size * ws, rank, tc.batch_size):
+        for rows, valid in data.val_batches(
+            table.num_rows, tc.batch_size * ws, rank, tc.batch_size
+        ):
             b = {k: v.to(device) for k, v in data.collate(table, rows, pad_id, valid).items()}
             loss, parts = objective(model, b)
             n = float(objective.count(b))
@@ -224,7 +246,12 @@ def apply_hparams(optim, sched, tc: TrainConfig) -> None:
     """
     sched.base_lrs = [tc.lr] * len(optim.param_groups)
     for g in optim.param_groups:
-        g.update(initial_lr=tc.lr, lr=tc.lr * lr_factor(sched.last_epoch, tc), betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        g.update(
+            initial_lr=tc.lr,
+            lr=tc.lr * lr_factor(sched.last_epoch, tc),
+            betas=tuple(tc.betas),
+            weight_decay=tc.weight_decay,
+        )
     sched._last_lr = [g["lr"] for g in optim.param_groups]
 
 
@@ -264,9 +291,16 @@ def _batches(plan: TrainPlan, rows, step: int) -> list[dict[str, torch.Tensor]]:
     tc = plan.job.train
     rank, ws = world()
     g0 = (step - 1) * tc.grad_accum
-    return [data.collate(rows, data.micro_batch_rows(rows.num_rows, tc.seed, g, tc.batch_size * ws, rank,
-                                                     tc.batch_size), plan.pad_id)
-            for g in range(g0, g0 + tc.grad_accum)]
+    return [
+        data.collate(
+            rows,
+            data.micro_batch_rows(
+                rows.num_rows, tc.seed, g, tc.batch_size * ws, rank, tc.batch_size
+            ),
+            plan.pad_id,
+        )
+        for g in range(g0, g0 + tc.grad_accum)
+    ]
 
 
 def train_func(config: dict[str, Any]) -> dict:
@@ -283,12 +317,14 @@ def train_func(config: dict[str, Any]) -> dict:
     val_objective = build_objective(tc)
     train_rows, val_rows = load_tables(plan, tc)
     start = resume_step(plan, model, optim, sched, tc)
-    log = MetricsLog(plan.train_dir, start, tc.max_steps, tc.log_every)
+    log = MetricsLog(plan.train_dir, start, tc.max_steps)
     model.train()
     last: dict[str, Any] = {}
     for step in range(start + 1, tc.max_steps + 1):
         t0 = time.perf_counter()
-        m = train_step(model, objective, optim, sched, _batches(plan, train_rows, step), tc, params, device)
+        m = train_step(
+            model, objective, optim, sched, _batches(plan, train_rows, step), tc, params, device
+        )
         dt = time.perf_counter() - t0
         epoch = (step - 1) * tc.grad_accum * tc.batch_size * ws / train_rows.num_rows
         m.update(step=step, step_time_s=dt, tokens_per_s=m["tokens"] / dt, epoch=epoch)
@@ -302,7 +338,9 @@ def train_func(config: dict[str, Any]) -> dict:
             ray.train.report(m)
         hold_for_kill(plan.hold, step, rank)
         if plan.fail_at_step and step == plan.fail_at_step:
-            raise RuntimeError(f"{FAIL_ENV}={plan.fail_at_step}: injected failure after step {step}")
+            raise RuntimeError(
+                f"{FAIL_ENV}={plan.fail_at_step}: injected failure after step {step}"
+            )
     log.close()
     if last or start == tc.max_steps:
         manifest = {**plan.lineage, "steps": tc.max_steps, "final_metrics": last}

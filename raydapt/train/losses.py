@@ -15,7 +15,7 @@ Conventions shared by every function:
 - Reduction: the sum over masked positions divided by the number of masked positions. An
   all-masked batch gives exactly 0.0, still attached to the graph, so every FSDP rank can call
   ``backward()`` and join the gradient all-reduce.
-- Divergences (``kind``), p = teacher, q = student, both at temperature tau:
+- Divergences (``KD.kind``), p = teacher, q = student, both at temperature tau:
   ``"forward_kl"`` KL(p || q); ``"reverse_kl"`` KL(q || p); ``"jsd"`` the generalized
   Jensen-Shannon divergence of TRL's GKD: m = beta p + (1 - beta) q,
   JSD = beta KL(p || m) + (1 - beta) KL(q || m); as in TRL, beta = 0 is defined as forward KL
@@ -26,7 +26,7 @@ Conventions shared by every function:
 - Outcomes with zero probability under the first argument of a KL contribute 0 (0 log 0 = 0).
 - Half-precision logits are upcast to float32 per chunk; float64 stays float64.
 
-Memory: ``full_kd_loss`` and ``topk_kd_loss`` work on chunks of ``chunk`` positions and take
+Memory: ``full_kd_loss`` and ``topk_kd_loss`` work on chunks of ``KD.chunk`` positions and take
 each chunk's gradient inside forward (``_EagerChunkedSum``, the fused-loss trick of Liger's
 linear cross-entropy; it does what per-chunk ``torch.utils.checkpoint`` would, without the
 recompute), so neither forward nor backward keeps (B, T, V) temporaries beyond the logits and
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +69,24 @@ _TINY_TAIL = 1e-30
 # ----------------------------------------------------------------------------- helpers
 
 
-def _check_kd_args(kind: str, temperature: float, beta: float) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown KD kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+@dataclass(frozen=True)
+class KD:
+    """How the KD term compares student and teacher: the divergence ``kind`` (one of KINDS),
+    its temperature tau, the JSD's beta and the sequence ``chunk`` that bounds memory
+    (None: one piece, through plain autograd). Checked when built."""
+
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    chunk: int | None = 128
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown KD kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
 
 
 def _compute_dtype(x: Tensor) -> Tensor:
@@ -265,36 +277,31 @@ def chunked_ce_from_hidden(
 # ----------------------------------------------------------------------------- full-vocab KD
 
 
-def _full_kd_per_pos(
-    s_logits: Tensor, t_logits: Tensor, kind: str, temperature: float, beta: float
-) -> Tensor:
+def _full_kd_per_pos(s_logits: Tensor, t_logits: Tensor, kd: KD) -> Tensor:
     """s_logits, t_logits (B, c, V) -> tau^2-scaled divergence per position (B, c)."""
-    s_logp = F.log_softmax(_compute_dtype(s_logits) / temperature, dim=-1)
-    t_logp = F.log_softmax(_compute_dtype(t_logits).to(s_logp.dtype) / temperature, dim=-1)
-    div = _divergence(s_logp, t_logp, kind, beta, _full_valid(s_logp, t_logp))
-    return div * temperature**2
+    tau = kd.temperature
+    s_logp = F.log_softmax(_compute_dtype(s_logits) / tau, dim=-1)
+    t_logp = F.log_softmax(_compute_dtype(t_logits).to(s_logp.dtype) / tau, dim=-1)
+    div = _divergence(s_logp, t_logp, kd.kind, kd.beta, _full_valid(s_logp, t_logp))
+    return div * tau**2
 
 
 def full_kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     loss_mask: Tensor,
-    kind: str,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    chunk: int | None = 128,
+    kd: KD,
 ) -> Tensor:
-    """Full-vocabulary KD, chunked along the sequence.
+    """Full-vocabulary KD, chunked along the sequence (``kd.chunk`` positions at a time).
 
     student_logits (B, T, V); teacher_logits (B, T, V) (no grad needed); loss_mask (B, T).
-    Returns a scalar: tau^2 * mean over masked positions of the ``kind`` divergence.
+    Returns a scalar: tau^2 * mean over masked positions of the ``kd.kind`` divergence.
     """
-    _check_kd_args(kind, temperature, beta)
 
     def fn(s: Tensor, t: Tensor) -> Tensor:
-        return _full_kd_per_pos(s, t, kind, temperature, beta)
+        return _full_kd_per_pos(s, t, kd)
 
-    total = _chunked_sum(fn, [student_logits, teacher_logits], [], loss_mask, chunk)
+    total = _chunked_sum(fn, [student_logits, teacher_logits], [], loss_mask, kd.chunk)
     return total / _count(loss_mask)
 
 
@@ -304,24 +311,20 @@ def chunked_kd_from_hidden(
     teacher_hidden: Tensor,
     teacher_head_weight: Tensor,
     loss_mask: Tensor,
-    kind: str,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    chunk: int = 128,
+    kd: KD,
 ) -> Tensor:
     """``full_kd_loss`` of the two heads' logits, applying the heads per chunk.
 
     student_hidden (B, T, H); student_head_weight (V, H); teacher_hidden (B, T, Ht);
     teacher_head_weight (V, Ht); loss_mask (B, T). Returns a scalar. Peak extra memory is a few
-    (B, chunk, V) tensors in forward and in backward.
+    (B, kd.chunk, V) tensors in forward and in backward.
     """
-    _check_kd_args(kind, temperature, beta)
 
     def fn(sh: Tensor, th: Tensor, sw: Tensor, tw: Tensor) -> Tensor:
-        return _full_kd_per_pos(sh @ sw.T, th @ tw.T, kind, temperature, beta)  # (B, c)
+        return _full_kd_per_pos(sh @ sw.T, th @ tw.T, kd)  # (B, c)
 
     seq, const = [student_hidden, teacher_hidden], [student_head_weight, teacher_head_weight]
-    return _chunked_sum(fn, seq, const, loss_mask, chunk) / _count(loss_mask)
+    return _chunked_sum(fn, seq, const, loss_mask, kd.chunk) / _count(loss_mask)
 
 
 # ----------------------------------------------------------------------------- top-k KD
@@ -340,31 +343,22 @@ def _head_and_tail(logp_k: Tensor, valid: Tensor, temperature: float) -> Tensor:
     return torch.cat([log_head + inner, log_tail], dim=-1)
 
 
-def _topk_kd_per_pos(
-    s_logits: Tensor,
-    ids: Tensor,
-    t_logp: Tensor,
-    kind: str,
-    temperature: float,
-    beta: float,
-) -> Tensor:
+def _topk_kd_per_pos(s_logits: Tensor, ids: Tensor, t_logp: Tensor, kd: KD) -> Tensor:
     """s_logits (B, c, V); ids (B, c, k); t_logp (B, c, k) -> tau^2 * divergence (B, c)."""
     s_all = F.log_softmax(_compute_dtype(s_logits), dim=-1)  # (B, c, V), temperature 1
-    return _topk_kd_from_logp(s_all, ids, t_logp, kind, temperature, beta)
+    return _topk_kd_from_logp(s_all, ids, t_logp, kd)
 
 
-def _topk_kd_from_logp(
-    s_all: Tensor, ids: Tensor, t_logp: Tensor, kind: str, temperature: float, beta: float
-) -> Tensor:
+def _topk_kd_from_logp(s_all: Tensor, ids: Tensor, t_logp: Tensor, kd: KD) -> Tensor:
     """Like ``_topk_kd_per_pos`` from the student's temperature-1 log-probs s_all (B, c, V)."""
     t_logp = t_logp.to(s_all.dtype)
     valid = t_logp > float("-inf")  # (B, c, k); padded slots are -inf
     ids = torch.where(valid, ids.long(), 0)  # padded ids may be anything, e.g. -1
     s_k = s_all.gather(-1, ids)  # (B, c, k)
-    s_out = _head_and_tail(s_k, valid, temperature)  # (B, c, k + 1)
-    t_out = _head_and_tail(t_logp, valid, temperature)  # (B, c, k + 1)
+    s_out = _head_and_tail(s_k, valid, kd.temperature)  # (B, c, k + 1)
+    t_out = _head_and_tail(t_logp, valid, kd.temperature)  # (B, c, k + 1)
     valid_out = torch.cat([valid, torch.ones_like(valid[..., :1])], dim=-1)
-    return _divergence(s_out, t_out, kind, beta, valid_out) * temperature**2
+    return _divergence(s_out, t_out, kd.kind, kd.beta, valid_out) * kd.temperature**2
 
 
 def topk_kd_loss(
@@ -372,10 +366,7 @@ def topk_kd_loss(
     topk_ids: Tensor,
     topk_logprobs: Tensor,
     loss_mask: Tensor,
-    kind: str,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    chunk: int | None = 128,
+    kd: KD,
 ) -> Tensor:
     """KD against stored teacher top-k log-probs, exact over k ids + a tail bucket.
 
@@ -383,12 +374,11 @@ def topk_kd_loss(
     log-probs at temperature 1, -inf on padded slots); loss_mask (B, T). Returns a scalar.
     Equals ``full_kd_loss`` when k = V. See the module docstring for how tau applies.
     """
-    _check_kd_args(kind, temperature, beta)
 
     def fn(s: Tensor, ids: Tensor, lp: Tensor) -> Tensor:
-        return _topk_kd_per_pos(s, ids, lp, kind, temperature, beta)
+        return _topk_kd_per_pos(s, ids, lp, kd)
 
-    total = _chunked_sum(fn, [student_logits, topk_ids, topk_logprobs], [], loss_mask, chunk)
+    total = _chunked_sum(fn, [student_logits, topk_ids, topk_logprobs], [], loss_mask, kd.chunk)
     return total / _count(loss_mask)
 
 
@@ -399,10 +389,7 @@ def chunked_distill_from_hidden(
     loss_mask: Tensor,
     topk_ids: Tensor,
     topk_logprobs: Tensor,
-    kind: str,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    chunk: int = 128,
+    kd: KD,
 ) -> tuple[Tensor, Tensor]:
     """(top-k KD, CE) from the student's hidden states, one head matmul per chunk for both.
 
@@ -410,18 +397,17 @@ def chunked_distill_from_hidden(
     topk_logprobs (B, T, k). Returns (kd, ce) scalars equal to ``topk_kd_loss`` and ``ce_loss``
     of ``hidden @ head_weight.T``, without the (B, T, V) logits.
     """
-    _check_kd_args(kind, temperature, beta)
     targets, ce_mask = next_token_targets(input_ids, loss_mask)
     masks = torch.stack([loss_mask.to(ce_mask.dtype), ce_mask])  # (2, B, T)
 
     def fn(h: Tensor, tgt: Tensor, ids: Tensor, lp: Tensor, w: Tensor) -> Tensor:
         s_all = F.log_softmax(_compute_dtype(h @ w.T), dim=-1)  # (B, c, V), shared by both
-        kd = _topk_kd_from_logp(s_all, ids, lp, kind, temperature, beta)
+        kd_pos = _topk_kd_from_logp(s_all, ids, lp, kd)
         ce = -s_all.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, c)
-        return torch.stack([kd, ce])  # (2, B, c)
+        return torch.stack([kd_pos, ce])  # (2, B, c)
 
     seq = [hidden, targets, topk_ids, topk_logprobs]
-    sums = _chunked_sum(fn, seq, [head_weight], masks, chunk) / _count(masks)  # (2,)
+    sums = _chunked_sum(fn, seq, [head_weight], masks, kd.chunk) / _count(masks)  # (2,)
     return sums[0], sums[1]
 
 

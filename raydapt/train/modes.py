@@ -61,7 +61,8 @@ def check_seq_len(config: Any, seq_len: int, where: str) -> None:
     if max_pos is not None and seq_len > max_pos:
         raise UserError(
             f"{where}: rows of seq_len={seq_len} exceed the student's max_position_embeddings="
-            f"{max_pos}; rerun `raydapt prepare` with prepare.seq_len<={max_pos} or pick a larger model"
+            f"{max_pos}; rerun `raydapt prepare` with prepare.seq_len<={max_pos} "
+            "or pick a larger model"
         )
 
 
@@ -107,7 +108,9 @@ def freeze_for_transfer(model: nn.Module, tc: TrainConfig) -> list[str]:
             p.requires_grad_(False)
             names.append(name)
     if len(names) == len(list(model.parameters())):
-        raise UserError("train.freeze_*: transfer mode froze every parameter; nothing is left to train")
+        raise UserError(
+            "train.freeze_*: transfer mode froze every parameter; nothing is left to train"
+        )
     return names
 
 
@@ -133,7 +136,8 @@ def load_teacher(path: str | Path, student_vocab: int) -> nn.Module:
     config = AutoConfig.from_pretrained(str(path))
     if config.vocab_size != student_vocab:
         raise UserError(
-            f"train.teacher=online: the teacher at {path} has vocab_size={config.vocab_size} but the "
+            f"train.teacher=online: the teacher at {path} "
+            f"has vocab_size={config.vocab_size} but the "
             f"student has vocab_size={student_vocab}; logit distillation needs one vocabulary "
             "(build the student with the teacher's tokenizer)"
         )

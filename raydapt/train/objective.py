@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydapt.config import TrainConfig
-from raydapt.train.losses import ce_loss, distill_loss, full_kd_loss, topk_kd_loss
+from raydapt.train.losses import KD, ce_loss, distill_loss, full_kd_loss, topk_kd_loss
 from raydapt.train.modes import is_classification
 
 Batch = dict[str, Tensor]
@@ -77,53 +77,49 @@ class Classification(Objective):
         return loss, {"ce": loss.detach(), "acc": acc.detach().float()}
 
 
-@dataclass(frozen=True)
-class KD:
-    """The train.kd_* settings the two distillation objectives share."""
+def kd_of(tc: TrainConfig) -> KD:
+    """The train.kd_* settings of the KD term (all but kd_alpha), as the losses take them."""
+    return KD(tc.kd_loss, tc.kd_temperature, tc.jsd_beta, tc.kd_chunk)
 
-    kind: str
-    temperature: float
-    beta: float
-    chunk: int
+
+@dataclass(frozen=True, eq=False)
+class Distill(Objective):
+    """alpha * KD + (1 - alpha) * CE; a subclass says where the teacher's distribution is."""
+
+    kd: KD
     alpha: float
-
-    @classmethod
-    def of(cls, tc: TrainConfig) -> KD:
-        return cls(tc.kd_loss, tc.kd_temperature, tc.jsd_beta, tc.kd_chunk, tc.kd_alpha)
-
-
-@dataclass(frozen=True, eq=False)
-class TopKDistill(Objective):
-    """alpha * KD against the stored teacher top-k (plus a tail bucket) + (1 - alpha) * CE."""
-
-    kd: KD
     parts: ClassVar[tuple[str, ...]] = ("kd", "ce")
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
-        ids, mask, k = batch["input_ids"], batch["loss_mask"], self.kd
+        ids = batch["input_ids"]  # (B, T)
         logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        ce = ce_loss(logits, ids, mask)
-        kd = topk_kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], mask, k.kind, k.temperature,
-                          k.beta, k.chunk)
-        return distill_loss(kd, ce, k.alpha)
+        ce = ce_loss(logits, ids, batch["loss_mask"])
+        return distill_loss(self.kd_term(logits, batch), ce, self.alpha)
+
+    def kd_term(self, logits: Tensor, batch: Batch) -> Tensor:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True, eq=False)
-class OnlineDistill(Objective):
-    """alpha * full-vocabulary KD against a live, frozen teacher + (1 - alpha) * CE."""
+class TopKDistill(Distill):
+    """KD against the stored teacher top-k, exact over k ids plus a tail bucket."""
 
-    teacher: nn.Module
-    kd: KD
-    parts: ClassVar[tuple[str, ...]] = ("kd", "ce")
+    def kd_term(self, logits: Tensor, batch: Batch) -> Tensor:
+        ids, lp = batch["topk_ids"], batch["topk_logprobs"]  # (B, T, k)
+        return topk_kd_loss(logits, ids, lp, batch["loss_mask"], self.kd)
 
-    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
-        ids, mask, k = batch["input_ids"], batch["loss_mask"], self.kd
-        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        ce = ce_loss(logits, ids, mask)
+
+@dataclass(frozen=True, eq=False)
+class OnlineDistill(Distill):
+    """Full-vocabulary KD against a live, frozen teacher."""
+
+    teacher: nn.Module | None = None
+
+    def kd_term(self, logits: Tensor, batch: Batch) -> Tensor:
+        ids = batch["input_ids"]
         with torch.no_grad():
             t_logits = self.teacher(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        kd = full_kd_loss(logits, t_logits, mask, k.kind, k.temperature, k.beta, k.chunk)
-        return distill_loss(kd, ce, k.alpha)
+        return full_kd_loss(logits, t_logits, batch["loss_mask"], self.kd)
 
 
 def objective_class(tc: TrainConfig, online: bool, has_topk: bool) -> type[Objective]:
@@ -138,7 +134,9 @@ def objective_class(tc: TrainConfig, online: bool, has_topk: bool) -> type[Objec
     return NextToken
 
 
-def build_objective(tc: TrainConfig, teacher: nn.Module | None = None, has_topk: bool = False) -> Objective:
+def build_objective(
+    tc: TrainConfig, teacher: nn.Module | None = None, has_topk: bool = False
+) -> Objective:
     """The objective of `tc`. `teacher`: the online teacher, if any; `has_topk`: the training
     rows carry topk_ids / topk_logprobs.
 
@@ -146,7 +144,7 @@ def build_objective(tc: TrainConfig, teacher: nn.Module | None = None, has_topk:
     validation split has no teacher targets."""
     cls = objective_class(tc, teacher is not None, has_topk)
     if cls is OnlineDistill:
-        return OnlineDistill(teacher, KD.of(tc))
+        return OnlineDistill(kd_of(tc), tc.kd_alpha, teacher)
     if cls is TopKDistill:
-        return TopKDistill(KD.of(tc))
+        return TopKDistill(kd_of(tc), tc.kd_alpha)
     return cls()

@@ -35,8 +35,11 @@ class TrainPlan:
     pad_id: int
     ckpt_key: str  # what a checkpoint must share with the run that resumes it (model and mode)
     local_mode: bool  # train.num_workers=0: the train function runs in the driver process
-    resume: bool  # keep this run's checkpoints; False: `run` deletes them first (resume=false, new data)
-    resume_from: Path | None  # a checkpoint of another run to start from (Tune PBT, restored trials)
+    # keep this run's checkpoints; False: `run` deletes them first (resume=false, new data)
+    resume: bool
+    resume_from: (
+        Path | None
+    )  # a checkpoint of another run to start from (Tune PBT, restored trials)
     fail_at_step: int  # fault injection: raise right after this step (0: never)
     hold: Hold | None
     train_files: tuple[str, ...]  # prepared train split, or the teacher targets (offline distill)

@@ -51,7 +51,7 @@ BASE_COLUMNS = ("id", "input_ids", "loss_mask")
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
 INPUTS_FILE = "inputs.json"  # in the train folder: the data its checkpoints were trained on
 # train.* keys that change how a run goes, not the model it exports: not in the fingerprint
-RUN_ONLY_KEYS = ("log_every", "resume", "max_failures", "placement_strategy", "cpus_per_worker", "torch_threads")
+RUN_ONLY_KEYS = ("resume", "max_failures", "placement_strategy", "cpus_per_worker", "torch_threads")
 
 
 def _offline(tc: TrainConfig) -> bool:
@@ -67,8 +67,11 @@ def checkpoint_key(job: JobConfig, student_path: str) -> str:
     its shape options (not lr, steps or data, which a resume may change)."""
     tc = job.train
     config = Path(student_path, "config.json")
-    keys = {"student": str(Path(student_path).resolve()), "config": config.read_text() if config.is_file() else "",
-            "mode": tc.mode}
+    keys = {
+        "student": str(Path(student_path).resolve()),
+        "config": config.read_text() if config.is_file() else "",
+        "mode": tc.mode,
+    }
     if tc.mode == "lora":
         keys["lora"] = [tc.lora_r, tc.lora_alpha, sorted(tc.lora_targets)]
     if tc.mode == "transfer":
@@ -83,7 +86,8 @@ def _check_tokenizer(job: JobConfig, prepared: dict, student: str) -> tuple[str,
     if prepared.get("tokenizer_hash") not in (None, tok_hash):
         raise UserError(
             f"prepared data at {layout.prepared_dir(job)} was tokenized with tokenizer "
-            f"{prepared.get('tokenizer_hash')} ({prepared.get('tokenizer_path')}) but the student's is "
+            f"{prepared.get('tokenizer_hash')} ({prepared.get('tokenizer_path')}) "
+            "but the student's is "
             f"{tok_hash}; rerun `raydapt prepare JOB` with the student's tokenizer"
         )
     return tok_hash, int(prepared.get("pad_id", tok.pad_token_id or 0))
@@ -114,12 +118,16 @@ def _check_labels(files: list[str], num_labels: int) -> None:
     labels = pq.ParquetDataset(files).read(columns=["label"]).column("label")
     labelled = pc.filter(labels, pc.greater_equal(labels, 0))
     if len(labelled) == 0:
-        raise UserError(f"train.new_head=classification: no row of {files[0]} ... has a label >= 0; "
-                        "give the corpus rows a `label` and rerun `raydapt prepare JOB`")
+        raise UserError(
+            f"train.new_head=classification: no row of {files[0]} ... has a label >= 0; "
+            "give the corpus rows a `label` and rerun `raydapt prepare JOB`"
+        )
     top = pc.max(labelled).as_py()
     if top >= num_labels:
-        raise UserError(f"train.num_labels={num_labels} but the prepared rows hold label {top}; "
-                        f"set train.num_labels>={top + 1}")
+        raise UserError(
+            f"train.num_labels={num_labels} but the prepared rows hold label {top}; "
+            f"set train.num_labels>={top + 1}"
+        )
 
 
 def _check_teacher(job: JobConfig, student_vocab: int) -> str:
@@ -130,7 +138,8 @@ def _check_teacher(job: JobConfig, student_vocab: int) -> str:
     if vocab != student_vocab:
         raise UserError(
             f"train.teacher=online: teacher {teacher} has vocab_size={vocab} but the student has "
-            f"vocab_size={student_vocab}; logit distillation needs one vocabulary (teacher.path / student.path)"
+            f"vocab_size={student_vocab}; logit distillation needs one vocabulary "
+            "(teacher.path / student.path)"
         )
     return teacher
 
@@ -163,8 +172,10 @@ def _check_resume(tc: TrainConfig, folder: Path | None, key: str) -> None:
         return
     meta = ckpt.check_folder(folder, key)
     if int(meta.get("step", 0)) > tc.max_steps:
-        raise UserError(f"checkpoint {folder} is at step {meta['step']}, past train.max_steps={tc.max_steps}; "
-                        "raise train.max_steps, or set train.resume=false to start over")
+        raise UserError(
+            f"checkpoint {folder} is at step {meta['step']}, past train.max_steps={tc.max_steps}; "
+            "raise train.max_steps, or set train.resume=false to start over"
+        )
 
 
 def hold_from_env() -> Hold | None:
@@ -176,9 +187,14 @@ def hold_from_env() -> Hold | None:
     try:
         steps = tuple(int(s) for s in raw.split(","))
     except ValueError:
-        raise UserError(f"{HOLD_STEP_ENV}={raw!r}: give step numbers separated by commas, e.g. 4,9") from None
+        raise UserError(
+            f"{HOLD_STEP_ENV}={raw!r}: give step numbers separated by commas, e.g. 4,9"
+        ) from None
     if not path:
-        raise UserError(f"{HOLD_STEP_ENV}={raw} needs {HOLD_FILE_ENV}=<path> (where the held workers write their pids)")
+        raise UserError(
+            f"{HOLD_STEP_ENV}={raw} needs {HOLD_FILE_ENV}=<path> "
+            "(where the held workers write their pids)"
+        )
     return Hold(steps, str(Path(path).resolve()))
 
 
@@ -190,9 +206,15 @@ def _columns(tc: TrainConfig, train_files: list[str]) -> tuple[tuple[str, ...], 
     return BASE_COLUMNS + extra + topk, BASE_COLUMNS + extra
 
 
-def plan(job: JobConfig, *, train_dir: str | Path | None = None, export_dir: str | Path | None = None,
-         resume_from: str | Path | None = None, run_name: str | None = None,
-         fail_at_step: int | None = None) -> TrainPlan:
+def plan(
+    job: JobConfig,
+    *,
+    train_dir: str | Path | None = None,
+    export_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    run_name: str | None = None,
+    fail_at_step: int | None = None,
+) -> TrainPlan:
     """Every driver-side check on the final folders; reads only. The keywords are for Tune
     trials (their own folders and start checkpoint) and fault tests (`fail_at_step`; default
     RAYDAPT_FAIL_AT_STEP)."""
@@ -201,12 +223,16 @@ def plan(job: JobConfig, *, train_dir: str | Path | None = None, export_dir: str
     student = str(model_path(job, "student"))
     tok_hash, pad_id = _check_tokenizer(job, prepared, student)
     meta = meta_model(student, tc)
-    check_seq_len(meta.config, int(prepared.get("seq_len", 0)), f"{layout.prepared_dir(job)}/manifest.json")
+    check_seq_len(
+        meta.config, int(prepared.get("seq_len", 0)), f"{layout.prepared_dir(job)}/manifest.json"
+    )
     if tc.mode == "lora":
         check_lora_targets(meta, list(tc.lora_targets))
     train_files, targets = _train_source(job, tok_hash)
     if targets and targets.get("seq_len"):
-        check_seq_len(meta.config, int(targets["seq_len"]), f"{layout.targets_dir(job)}/manifest.json")
+        check_seq_len(
+            meta.config, int(targets["seq_len"]), f"{layout.targets_dir(job)}/manifest.json"
+        )
     teacher = _check_teacher(job, meta.config.vocab_size) if _online(tc) else None
     if is_classification(tc):
         _check_labels(train_files, tc.num_labels)
@@ -220,13 +246,29 @@ def plan(job: JobConfig, *, train_dir: str | Path | None = None, export_dir: str
         _check_resume(tc, own or start_from, key)
     train_cols, val_cols = _columns(tc, train_files)
     return TrainPlan(
-        job=job, output=Path(export_dir or layout.export_dir(job)).resolve(), train_dir=tdir, run_name=name,
-        student_path=student, teacher_path=teacher, pad_id=pad_id, ckpt_key=key, local_mode=local,
-        resume=resume, resume_from=start_from,
-        fail_at_step=int(os.environ.get(FAIL_ENV, "0") or 0) if fail_at_step is None else fail_at_step,
-        hold=hold_from_env(), train_files=tuple(train_files), val_files=tuple(_val_files(job)),
-        train_columns=train_cols, val_columns=val_cols, prepared=prepared, targets=targets,
-        data_inputs=inputs, lineage=_lineage(job, student, teacher, tok_hash, prepared, targets),
+        job=job,
+        output=Path(export_dir or layout.export_dir(job)).resolve(),
+        train_dir=tdir,
+        run_name=name,
+        student_path=student,
+        teacher_path=teacher,
+        pad_id=pad_id,
+        ckpt_key=key,
+        local_mode=local,
+        resume=resume,
+        resume_from=start_from,
+        fail_at_step=int(os.environ.get(FAIL_ENV, "0") or 0)
+        if fail_at_step is None
+        else fail_at_step,
+        hold=hold_from_env(),
+        train_files=tuple(train_files),
+        val_files=tuple(_val_files(job)),
+        train_columns=train_cols,
+        val_columns=val_cols,
+        prepared=prepared,
+        targets=targets,
+        data_inputs=inputs,
+        lineage=_lineage(job, student, teacher, tok_hash, prepared, targets),
     )
 
 
@@ -235,15 +277,32 @@ def _identity(manifest: dict) -> str:
     return manifest.get("fingerprint") or hash_json(manifest)
 
 
-def _lineage(job: JobConfig, student: str, teacher: str | None, tok_hash: str, prepared: dict,
-             targets: dict | None) -> dict[str, Any]:
+def _lineage(
+    job: JobConfig,
+    student: str,
+    teacher: str | None,
+    tok_hash: str,
+    prepared: dict,
+    targets: dict | None,
+) -> dict[str, Any]:
     """What the export manifest says the model was made from."""
     t = targets or {}
-    return {"mode": job.train.mode, "student": student, "teacher": teacher, "tokenizer_hash": tok_hash,
-            "prepared_fingerprint": _identity(prepared),
-            "targets": {"fingerprint": _identity(t), "kind": t.get("kind"), "k": t.get("k"),
-                        "teacher": t.get("teacher")} if targets is not None else None,
-            "train": dataclasses.asdict(job.train)}
+    return {
+        "mode": job.train.mode,
+        "student": student,
+        "teacher": teacher,
+        "tokenizer_hash": tok_hash,
+        "prepared_fingerprint": _identity(prepared),
+        "targets": {
+            "fingerprint": _identity(t),
+            "kind": t.get("kind"),
+            "k": t.get("k"),
+            "teacher": t.get("teacher"),
+        }
+        if targets is not None
+        else None,
+        "train": dataclasses.asdict(job.train),
+    }
 
 
 def fingerprint(p: TrainPlan) -> str:
@@ -251,9 +310,13 @@ def fingerprint(p: TrainPlan) -> str:
     config.json), the prepared data, and the teacher targets (offline) or teacher path (online)."""
     train = {k: v for k, v in dataclasses.asdict(p.job.train).items() if k not in RUN_ONLY_KEYS}
     config = Path(p.student_path, "config.json")
-    keys: dict[str, Any] = {"train": train, "student": p.student_path,
-                            "student_config": config.read_text() if config.is_file() else "",
-                            "prepared": _identity(p.prepared), "v": 1}
+    keys: dict[str, Any] = {
+        "train": train,
+        "student": p.student_path,
+        "student_config": config.read_text() if config.is_file() else "",
+        "prepared": _identity(p.prepared),
+        "v": 1,
+    }
     if p.targets is not None:
         keys["targets"] = _identity(p.targets)
     if p.teacher_path is not None:
@@ -265,8 +328,12 @@ def prepare_train_dir(p: TrainPlan) -> None:
     """Delete the checkpoints this run must not resume, and record the data it trains on."""
     stale = [d for d in p.checkpoint_dirs if d.exists()] if not p.resume else []
     if stale and p.job.train.resume:
-        print(f"train: the prepared data or teacher targets changed since the checkpoints in {p.train_dir} "
-              "were written; starting over", flush=True)
+        print(
+            "train: the prepared data or teacher targets changed since the checkpoints in "
+            f"{p.train_dir} "
+            "were written; starting over",
+            flush=True,
+        )
     for d in stale:
         shutil.rmtree(d)
     p.train_dir.mkdir(parents=True, exist_ok=True)
@@ -291,8 +358,17 @@ def run(p: TrainPlan) -> dict[str, Any]:
     metrics, rv = dict(result.metrics or {}), result.return_value or {}
     tc = p.job.train
     val = f", val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-    print(f"train: {tc.mode} {metrics.get('step', '?')}/{tc.max_steps} steps, loss "
-          f"{metrics.get('loss', float('nan')):.4f}{val}; export -> {p.output}", flush=True)
-    return {**manifest, "metrics": metrics, "export_dir": str(p.output), "train_dir": str(p.train_dir),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "start_step": rv.get("start_step"), "world_size": rv.get("world_size")}
+    print(
+        f"train: {tc.mode} {metrics.get('step', '?')}/{tc.max_steps} steps, loss "
+        f"{metrics.get('loss', float('nan')):.4f}{val}; export -> {p.output}",
+        flush=True,
+    )
+    return {
+        **manifest,
+        "metrics": metrics,
+        "export_dir": str(p.output),
+        "train_dir": str(p.train_dir),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "start_step": rv.get("start_step"),
+        "world_size": rv.get("world_size"),
+    }

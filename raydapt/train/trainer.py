@@ -57,8 +57,12 @@ def build_trainer(plan: TrainPlan, callbacks: Sequence[Any] = ()) -> Any:
     if plan.val_files:
         datasets["validation"] = dataset(plan.val_files, plan.val_columns)
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
-    scaling = ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources,
-                            placement_strategy=tc.placement_strategy)
+    scaling = ScalingConfig(
+        num_workers=tc.num_workers,
+        use_gpu=tc.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=tc.placement_strategy,
+    )
     run_config = RunConfig(
         name=plan.run_name,
         storage_path=str(plan.train_dir),
@@ -90,4 +94,6 @@ def unwrap_user_error(err: BaseException) -> None:
             if isinstance(seen, UserError):
                 raise UserError(str(seen)) from None
             cause = getattr(seen, "cause", None)
-            seen = cause if isinstance(cause, BaseException) and cause is not seen else seen.__cause__
+            seen = (
+                cause if isinstance(cause, BaseException) and cause is not seen else seen.__cause__
+            )

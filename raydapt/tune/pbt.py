@@ -48,7 +48,9 @@ class CheckpointBridge(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
-        self.queue.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None})
+        self.queue.put(
+            {"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None}
+        )
 
 
 def restore_path(tdir: Path) -> str | None:
@@ -83,7 +85,9 @@ def fit_reporting_checkpoints(build_trainer: Any) -> Any:
                 break
             continue
         path = item["checkpoint"]
-        tune.report(item["metrics"], checkpoint=tune.Checkpoint.from_directory(path) if path else None)
+        tune.report(
+            item["metrics"], checkpoint=tune.Checkpoint.from_directory(path) if path else None
+        )
     thread.join()
     if "error" in box:
         raise box["error"]

@@ -30,10 +30,20 @@ def _trial_rows(cfg: JobConfig, results, sweep_dir: Path) -> tuple[list[dict], d
             pts = [(int(s), float(v)) for s, v in zip(sub["step"], sub[metric], strict=True)]
         steps = int(df["step"].max()) if df is not None and "step" in df.columns and len(df) else 0
         export = sweep_dir / "trials" / tid / "final"
-        status = "error" if r.error else ("done" if steps >= cfg.train.max_steps else "stopped early")
+        status = (
+            "error" if r.error else ("done" if steps >= cfg.train.max_steps else "stopped early")
+        )
         params = {f"train.{k}": v for k, v in (r.config or {}).get("train", {}).items()}
-        rows.append({"trial": tid, **params, metric: pts[-1][1] if pts else float("nan"), "steps": steps,
-                     "status": status, "export": str(export) if read_manifest(export) else ""})
+        rows.append(
+            {
+                "trial": tid,
+                **params,
+                metric: pts[-1][1] if pts else float("nan"),
+                "steps": steps,
+                "status": status,
+                "export": str(export) if read_manifest(export) else "",
+            }
+        )
         curves[tid] = pts
     rows.sort(key=lambda row: row["trial"])
     return rows, curves
@@ -83,8 +93,17 @@ def plot_trials(curves: dict[str, list], best: str | None, metric: str, out: Pat
         if pts:
             xs, ys = zip(*pts, strict=True)
             is_best = tid == best
-            ax.plot(xs, ys, marker="o", ms=3, lw=2.8 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
-                    color="#c44e52" if is_best else None, label=f"{tid} (best)" if is_best else tid, zorder=3 if is_best else 2)
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                ms=3,
+                lw=2.8 if is_best else 1.0,
+                alpha=1.0 if is_best else 0.6,
+                color="#c44e52" if is_best else None,
+                label=f"{tid} (best)" if is_best else tid,
+                zorder=3 if is_best else 2,
+            )
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"tune: {metric} per trial")
@@ -100,27 +119,59 @@ def write_outputs(cfg: JobConfig, results, sweep_dir: Path) -> dict[str, Any]:
     """results.csv, results.md, curves.png, best/ and serve_command.txt in the sweep folder."""
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows, curves = _trial_rows(cfg, results, sweep_dir)
-    cols = ["trial", *sorted({k for r in rows for k in r if k.startswith("train.")}), metric, "steps", "status"]
+    cols = [
+        "trial",
+        *sorted({k for r in rows for k in r if k.startswith("train.")}),
+        metric,
+        "steps",
+        "status",
+    ]
     with open(sweep_dir / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + ["export"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    text = table([{**r, **{k: f"{v:g}" for k, v in r.items() if k.startswith("train.") and isinstance(v, float)}}
-                  for r in rows], cols)
+    text = table(
+        [
+            {
+                **r,
+                **{
+                    k: f"{v:g}"
+                    for k, v in r.items()
+                    if k.startswith("train.") and isinstance(v, float)
+                },
+            }
+            for r in rows
+        ],
+        cols,
+    )
     best = _best(rows, metric, mode)
     plot = plot_trials(curves, best["trial"] if best else None, metric, sweep_dir / "curves.png")
-    summary: dict[str, Any] = {"sweep_dir": str(sweep_dir), "rows": rows, "plot": str(plot) if plot else None}
+    summary: dict[str, Any] = {
+        "sweep_dir": str(sweep_dir),
+        "rows": rows,
+        "plot": str(plot) if plot else None,
+    }
     lines = [f"# tune: {len(rows)} trials, {metric} ({mode})", "", text, ""]
     if best:
         dst = sweep_dir / "best"
         _copy_best(Path(best["export"]), dst)
         command = f"raydapt serve {shlex.quote(str(dst.resolve()))}"
         (sweep_dir / "serve_command.txt").write_text(command + "\n")
-        lines += [f"best: trial {best['trial']}, {metric} {best[metric]:.4f}", "", f"    {command}", ""]
-        summary.update(best=str(dst), best_trial=best["trial"], best_metric=best[metric], serve_command=command)
+        lines += [
+            f"best: trial {best['trial']}, {metric} {best[metric]:.4f}",
+            "",
+            f"    {command}",
+            "",
+        ]
+        summary.update(
+            best=str(dst), best_trial=best["trial"], best_metric=best[metric], serve_command=command
+        )
     errored = [r["trial"] for r in rows if r["status"] == "error"]
     if errored:
-        lines.append(f"errored trials {errored}: rerun the same command to resume them from their checkpoints")
+        lines.append(
+            f"errored trials {errored}: "
+            "rerun the same command to resume them from their checkpoints"
+        )
     (sweep_dir / "results.md").write_text("\n".join(lines))
     print(text, flush=True)
     print("\n".join(lines[4:]), flush=True)

@@ -57,7 +57,7 @@ def tune_space(tc: TuneConfig) -> dict[str, dict[str, Any]]:
     exhaustive = tc.search == "grid"
     train: dict[str, Any] = {}
     for dotted, spec in tc.space.items():
-        (form, args), = spec.items()
+        ((form, args),) = spec.items()
         train[dotted.split(".", 1)[1]] = _domain(form, args, exhaustive)
     return {"train": train}
 
@@ -78,28 +78,41 @@ def check_space(cfg: JobConfig) -> None:
     tc = cfg.tune
     problems: list[str] = []
     if not tc.space:
-        problems.append("tune.space: empty; give at least one train.* key, e.g. train.lr: {loguniform: [1e-4, 1e-2]}")
+        problems.append(
+            "tune.space: empty; give at least one train.* key, "
+            "e.g. train.lr: {loguniform: [1e-4, 1e-2]}"
+        )
     base = cfg.to_dict()
     for dotted, spec in tc.space.items():
-        (form, args), = spec.items()
+        ((form, args),) = spec.items()
         for value in _probe_values(form, args):
             try:
                 job_from_dict({**base, "train": {**base["train"], dotted.split(".", 1)[1]: value}})
             except ConfigError as e:
                 why = "; ".join(e.problems)
-                problems.append(f"tune.space.{dotted}: value {value!r} gives an invalid job ({why})")
+                problems.append(
+                    f"tune.space.{dotted}: value {value!r} gives an invalid job ({why})"
+                )
     if tc.search == "optuna" and any("grid" in s for s in tc.space.values()):
-        problems.append("tune.space: `grid` entries need tune.search=grid or random; optuna samples, use `choice`")
+        problems.append(
+            "tune.space: `grid` entries need tune.search=grid or random; "
+            "optuna samples, use `choice`"
+        )
     if tc.scheduler == "pbt":
         problems += _pbt_problems(cfg)
     if tc.scheduler == "asha" and cfg.train.eval_every <= 0 and cfg.train.checkpoint_every <= 0:
         problems.append(
-            "tune.scheduler: with train.eval_every=0 and train.checkpoint_every=0 a trial reports only at "
-            "its last step, so ASHA cannot stop anything early; set train.eval_every or tune.scheduler=fifo"
+            "tune.scheduler: with train.eval_every=0 and train.checkpoint_every=0 "
+            "a trial reports only at "
+            "its last step, so ASHA cannot stop anything early; "
+            "set train.eval_every or tune.scheduler=fifo"
         )
     if tc.scheduler == "asha" and (tc.reduction_factor < 2 or tc.grace_period < 1):
-        problems.append(f"tune.reduction_factor/grace_period: ASHA needs reduction_factor >= 2 and grace_period >= 1, "
-                        f"got {tc.reduction_factor} and {tc.grace_period}")
+        problems.append(
+            "tune.reduction_factor/grace_period: "
+            "ASHA needs reduction_factor >= 2 and grace_period >= 1, "
+            f"got {tc.reduction_factor} and {tc.grace_period}"
+        )
     if tc.cpus_per_trial < 0:
         problems.append(f"tune.cpus_per_trial: must be >= 0, got {tc.cpus_per_trial}")
     if problems:
@@ -108,16 +121,32 @@ def check_space(cfg: JobConfig) -> None:
 
 # What PBT may mutate: values a restored checkpoint can continue with. Anything else changes
 # the model's parameters (lora_*, mode, heads), the checkpoint layout, or the data order.
-PBT_MUTABLE = ("lr", "weight_decay", "betas", "grad_clip", "min_lr_ratio", "kd_loss", "kd_alpha", "kd_temperature", "jsd_beta")
+PBT_MUTABLE = (
+    "lr",
+    "weight_decay",
+    "betas",
+    "grad_clip",
+    "min_lr_ratio",
+    "kd_loss",
+    "kd_alpha",
+    "kd_temperature",
+    "jsd_beta",
+)
 
 
 def _pbt_problems(cfg: JobConfig) -> list[str]:
     tc, tr = cfg.tune, cfg.train
-    out = [f"tune.space.{k}: PBT mutates values inside a running trial and {k} cannot change there; "
-           f"PBT can search {', '.join('train.' + m for m in PBT_MUTABLE)} (use asha for the rest)"
-           for k in tc.space if k.split(".", 1)[1] not in PBT_MUTABLE]
+    out = [
+        f"tune.space.{k}: PBT mutates values inside a running trial and {k} cannot change there; "
+        f"PBT can search {', '.join('train.' + m for m in PBT_MUTABLE)} (use asha for the rest)"
+        for k in tc.space
+        if k.split(".", 1)[1] not in PBT_MUTABLE
+    ]
     if tr.checkpoint_every <= 0:
-        out.append("train.checkpoint_every: PBT perturbs at checkpoints; set it (e.g. a quarter of max_steps)")
+        out.append(
+            "train.checkpoint_every: PBT perturbs at checkpoints; "
+            "set it (e.g. a quarter of max_steps)"
+        )
     if tc.num_samples * max(1, sum(len(s.get("grid", [None])) for s in tc.space.values())) < 2:
         out.append("tune.num_samples: PBT needs a population of at least 2 trials")
     return out
@@ -146,8 +175,10 @@ def make_scheduler(cfg: JobConfig) -> Any:
     if tc.scheduler == "pbt":
         mutations = {}
         for dotted, spec in tc.space.items():
-            (form, args), = spec.items()
-            mutations[dotted.split(".", 1)[1]] = _domain("choice" if form == "grid" else form, args, exhaustive=False)
+            ((form, args),) = spec.items()
+            mutations[dotted.split(".", 1)[1]] = _domain(
+                "choice" if form == "grid" else form, args, exhaustive=False
+            )
         return FinalStepPBT(
             final_step=cfg.train.max_steps,
             time_attr="step",
@@ -166,8 +197,10 @@ def make_search(cfg: JobConfig) -> Any:
     try:
         import optuna  # noqa: F401 - an optional dependency (Ray's OptunaSearch only asserts it later)
     except ImportError as e:
-        raise UserError(f"tune.search: optuna needs the `optuna` package ({e}); "
-                        "install raydapt[tune] or use tune.search=random") from None
+        raise UserError(
+            f"tune.search: optuna needs the `optuna` package ({e}); "
+            "install raydapt[tune] or use tune.search=random"
+        ) from None
     from ray.tune.search.optuna import OptunaSearch  # slow to import; only optuna sweeps need it
 
     return OptunaSearch(seed=cfg.train.seed)

@@ -82,7 +82,9 @@ def _base_job(cfg: JobConfig) -> dict:
     student = model_path(cfg, "student")
     job["student"]["path"] = str(student.resolve() if student.is_dir() else student)
     if not cfg.train.torch_threads:  # concurrent trials share the node's cores
-        job["train"]["torch_threads"] = cores_per(max(1, cfg.tune.max_concurrent_trials) * max(1, cfg.train.num_workers))
+        job["train"]["torch_threads"] = cores_per(
+            max(1, cfg.tune.max_concurrent_trials) * max(1, cfg.train.num_workers)
+        )
     return job
 
 
@@ -93,18 +95,24 @@ def plan(job: JobConfig) -> TunePlan:
     out = layout.tune_dir(job).resolve()
     base = _base_job(job)
     probe_dir = out / "trials" / "probe"  # never created: the probe trial only runs the checks
-    probe = train_stage.plan(trial_job(base, {}, "probe"), train_dir=probe_dir, export_dir=probe_dir / "final")
+    probe = train_stage.plan(
+        trial_job(base, {}, "probe"), train_dir=probe_dir, export_dir=probe_dir / "final"
+    )
     reported = reported_metrics(probe)
     if job.tune.metric not in reported:
-        raise UserError(f"tune.metric: the trials of this job do not report {job.tune.metric!r} (no validation "
-                        f"split, or not this mode's metric); they report {', '.join(sorted(reported))}")
+        raise UserError(
+            f"tune.metric: the trials of this job do not report {job.tune.metric!r} (no validation "
+            f"split, or not this mode's metric); they report {', '.join(sorted(reported))}"
+        )
     return TunePlan(job, out, base, probe, os.environ.get(FAIL_ENV, ""))
 
 
 def fingerprint(p: TunePlan) -> str:
     """The tune section and the train stage's fingerprint of the base trial (train section,
     student, prepared data, targets or teacher)."""
-    return hash_json({"tune": dataclasses.asdict(p.job.tune), "train": train_stage.fingerprint(p.probe), "v": 1})
+    return hash_json(
+        {"tune": dataclasses.asdict(p.job.tune), "train": train_stage.fingerprint(p.probe), "v": 1}
+    )
 
 
 def experiment_name(p: TunePlan) -> str:
@@ -114,7 +122,9 @@ def experiment_name(p: TunePlan) -> str:
 
 def _fail_step(fail: str, trial_id: str) -> int:
     """The step RAYDAPT_TUNE_FAIL=<index>:<step> makes this trial fail after; 0: none."""
-    index = trial_id.rsplit("_", 1)[-1]  # `ab12c_00003` -> trial 3 (ids of search algorithms have no index)
+    index = trial_id.rsplit("_", 1)[
+        -1
+    ]  # `ab12c_00003` -> trial 3 (ids of search algorithms have no index)
     if fail and index.isdigit() and int(fail.split(":")[0]) == int(index):
         return int(fail.split(":")[1])
     return 0
@@ -133,27 +143,48 @@ def _trial(config: dict, job: dict, sweep_dir: str, fail: str, pbt: bool) -> Non
     else:  # Train resumes its own run folder
         latest = latest_ray(tdir / "run")
         run_name, resume_from, origin = "run", None, latest.name if latest else None
-    p = train_stage.plan(cfg, train_dir=tdir, export_dir=tdir / "final", resume_from=resume_from,
-                         run_name=run_name, fail_at_step=fail_at)
+    p = train_stage.plan(
+        cfg,
+        train_dir=tdir,
+        export_dir=tdir / "final",
+        resume_from=resume_from,
+        run_name=run_name,
+        fail_at_step=fail_at,
+    )
     tdir.mkdir(parents=True, exist_ok=True)
-    record = {"files": {"train": list(p.train_files), "validation": list(p.val_files)},
-              "prepared_fingerprint": p.lineage["prepared_fingerprint"], "student": p.student_path,
-              "train": config.get("train", {})}
+    record = {
+        "files": {"train": list(p.train_files), "validation": list(p.val_files)},
+        "prepared_fingerprint": p.lineage["prepared_fingerprint"],
+        "student": p.student_path,
+        "train": config.get("train", {}),
+    }
     (tdir / "trial.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     with open(starts, "a") as f:
-        f.write(json.dumps({"time": time.time(), "fail_at_step": fail_at, "checkpoint": origin,
-                            "lr": cfg.train.lr}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "time": time.time(),
+                    "fail_at_step": fail_at,
+                    "checkpoint": origin,
+                    "lr": cfg.train.lr,
+                }
+            )
+            + "\n"
+        )
     if pbt:
         result = fit_reporting_checkpoints(lambda callbacks: build_trainer(p, callbacks))
     else:
         result = build_trainer(p, [TuneReportCallback()]).fit()
     rv = result.return_value or {}
-    (tdir / "done.json").write_text(json.dumps({"start_step": rv.get("start_step"), "metrics": result.metrics}))
+    (tdir / "done.json").write_text(
+        json.dumps({"start_step": rv.get("start_step"), "metrics": result.metrics})
+    )
 
 
 def _tuner(p: TunePlan) -> tune.Tuner:
-    fn = tune.with_parameters(_trial, job=p.base, sweep_dir=str(p.output), fail=p.fail,
-                              pbt=p.job.tune.scheduler == "pbt")
+    fn = tune.with_parameters(
+        _trial, job=p.base, sweep_dir=str(p.output), fail=p.fail, pbt=p.job.tune.scheduler == "pbt"
+    )
     trainable = tune.with_resources(fn, {"CPU": p.job.tune.cpus_per_trial})
     name = experiment_name(p)
     path = p.output / name
@@ -165,8 +196,12 @@ def _tuner(p: TunePlan) -> tune.Tuner:
         trainable,
         param_space=tune_space(tc),
         tune_config=tune.TuneConfig(
-            metric=tc.metric, mode=tc.mode, search_alg=make_search(p.job), scheduler=make_scheduler(p.job),
-            num_samples=tc.num_samples, max_concurrent_trials=tc.max_concurrent_trials,
+            metric=tc.metric,
+            mode=tc.mode,
+            search_alg=make_search(p.job),
+            scheduler=make_scheduler(p.job),
+            num_samples=tc.num_samples,
+            max_concurrent_trials=tc.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(name=name, storage_path=str(p.output), verbose=1),
     )
@@ -182,4 +217,6 @@ def run(p: TunePlan) -> dict[str, Any]:
     summary = write_outputs(p.job, results, p.output)
     if summary["failed"]:
         return summary
-    return finish_manifest(p.output, {**summary, "fingerprint": fingerprint(p), "experiment": experiment_name(p)})
+    return finish_manifest(
+        p.output, {**summary, "fingerprint": fingerprint(p), "experiment": experiment_name(p)}
+    )

@@ -1,4 +1,5 @@
-"""cluster/: KubeRay and cluster-launcher manifests parse, carry required fields and match the pins."""
+"""cluster/: KubeRay and cluster-launcher manifests parse, carry required fields and match the
+pins."""
 
 import json
 import re
@@ -48,13 +49,23 @@ def images(obj):
             yield from images(v)
 
 
-@pytest.mark.parametrize("name,kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob"),
-                                       ("rayservice.yaml", "RayService")])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("raycluster.yaml", "RayCluster"),
+        ("rayjob.yaml", "RayJob"),
+        ("rayservice.yaml", "RayService"),
+    ],
+)
 def test_kuberay_manifest(name, kind):
     doc = load(name)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind and doc["metadata"]["name"]
     spec = doc["spec"]
-    cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[kind]
+    cluster = {
+        "RayCluster": spec,
+        "RayJob": spec.get("rayClusterSpec"),
+        "RayService": spec.get("rayClusterConfig"),
+    }[kind]
     assert cluster["rayVersion"] == ray_pin()
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     for group in cluster["workerGroupSpecs"]:
@@ -64,12 +75,17 @@ def test_kuberay_manifest(name, kind):
     # token authentication on, the token from a Secret the operator does not generate per cluster
     auth = cluster["authOptions"]
     assert auth["mode"] == "token" and auth["secretName"] == AUTH_SECRET, auth
-    assert f"kubectl create secret generic {AUTH_SECRET} --from-literal=auth_token=" in (CLUSTER / name).read_text()
+    assert (
+        f"kubectl create secret generic {AUTH_SECRET} --from-literal=auth_token="
+        in (CLUSTER / name).read_text()
+    )
     # nothing turns it off again or puts a token in the manifest itself
     for env in env_vars(doc):
         assert not (env["name"] == "RAY_AUTH_MODE" and env.get("value") != "token"), env
         assert not (env["name"] == "RAY_AUTH_TOKEN" and "value" in env), "a token in plain text"
-    assert "RAY_AUTH_MODE" not in json.dumps(cluster.get("headGroupSpec", {}).get("rayStartParams", {}))
+    assert "RAY_AUTH_MODE" not in json.dumps(
+        cluster.get("headGroupSpec", {}).get("rayStartParams", {})
+    )
     imgs = list(images(doc))
     assert imgs and all(f"ray{ray_pin()}" in i for i in imgs), imgs
     if kind == "RayJob":
@@ -99,7 +115,13 @@ def test_rayservice_builder_binds_the_app(tiny_model_dir, monkeypatch):
 
 def test_launcher_yaml():
     doc = load("launcher-aws.yaml")
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers"):
+    for key in (
+        "cluster_name",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "max_workers",
+    ):
         assert key in doc, key
     assert doc["head_node_type"] in doc["available_node_types"]
     assert f"ray{ray_pin()}" in doc["docker"]["image"]

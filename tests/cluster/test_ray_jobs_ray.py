@@ -50,14 +50,31 @@ def two_node_cluster():
     # every node: token auth on, the token from a file in the temp dir (never ~/.ray/auth_token)
     env = {**_no_auth_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     ray_cli = str(BIN / "ray")
-    head = [ray_cli, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-            "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={tmp}",
-            "--include-dashboard=true", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
-            *_node_ports()]
+    head = [
+        ray_cli,
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--dashboard-port={dash}",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=4",
+        f"--temp-dir={tmp}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+        f"--ray-client-server-port={free_port()}",
+        *_node_ports(),
+    ]
     # its own temp dir: nodes sharing one would unpack the job's working_dir into the same
     # folder, and the second node's unpacking deletes the driver's current directory
-    second = [ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=4", f"--temp-dir={tmp}-2",
-              '--resources={"second_node": 1}', *_node_ports()]
+    second = [
+        ray_cli,
+        "start",
+        f"--address=127.0.0.1:{port}",
+        "--num-cpus=4",
+        f"--temp-dir={tmp}-2",
+        '--resources={"second_node": 1}',
+        *_node_ports(),
+    ]
     before = _pids()
     try:
         subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
@@ -80,8 +97,13 @@ class Cluster(NamedTuple):
 
 def _no_auth_env() -> dict[str, str]:
     """The environment of a process on this machine that was given no Ray token."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
     return env
@@ -89,8 +111,12 @@ def _no_auth_env() -> dict[str, str]:
 
 def _node_ports() -> list[str]:
     """Two nodes on one machine must not share the per-node agent ports (defaults collide)."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
 
 
 def _pids() -> set[int]:
@@ -124,13 +150,20 @@ def test_job_submission_runs_a_job_on_two_nodes(two_node_cluster, tmp_path):
 
     cluster = two_node_cluster
     # the submitter hands the cluster's token over (README: RAY_AUTH_MODE=token + RAY_AUTH_TOKEN)
-    client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token}"})
+    client = JobSubmissionClient(
+        cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token}"}
+    )
     out = tmp_path / "run"
-    entry = (f"python -m raydapt run jobs/prepare-only.yaml output_dir={out} "
-             "corpus.world_train=300 corpus.world_heldout=20 corpus.world_markov_docs=20 prepare.seq_len=128")
-    runtime_env = {"working_dir": str(ROOT),
-                   "excludes": [".venv", ".git", "runs", "*.egg-info", ".pytest_cache", "bench/out"],
-                   "env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}}
+    entry = (
+        f"python -m raydapt run jobs/prepare-only.yaml output_dir={out} "
+        "corpus.world_train=300 corpus.world_heldout=20 corpus.world_markov_docs=20 "
+        "prepare.seq_len=128"
+    )
+    runtime_env = {
+        "working_dir": str(ROOT),
+        "excludes": [".venv", ".git", "runs", "*.egg-info", ".pytest_cache", "bench/out"],
+        "env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"},
+    }
     for attempt in range(60):  # the dashboard agent needs a moment after `ray start`
         try:
             job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
@@ -141,7 +174,10 @@ def test_job_submission_runs_a_job_on_two_nodes(two_node_cluster, tmp_path):
             time.sleep(2)
     deadline = time.time() + 400
     status = client.get_job_status(job_id)
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
+    while (
+        status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+        and time.time() < deadline
+    ):
         time.sleep(2)
         status = client.get_job_status(job_id)
     logs = client.get_job_logs(job_id)
@@ -150,39 +186,76 @@ def test_job_submission_runs_a_job_on_two_nodes(two_node_cluster, tmp_path):
     manifest = out / "prepared" / "manifest.json"
     assert manifest.is_file()
     import json
+
     m = json.loads(manifest.read_text())
     assert m["complete"] is True and m["rows"]["train"] > 0
     # the job's driver attached to this cluster, not to a new local one
     assert "connecting to Ray at" in logs and "starting a local Ray cluster" not in logs
 
 
-def _ray_cli(args: list[str], env: dict[str, str], timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+def _ray_cli(
+    args: list[str], env: dict[str, str], timeout: int = 180
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ray"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.slow
 def test_job_submission_needs_the_token(two_node_cluster):
     """`ray job submit` as the README writes it: refused without the token or with a wrong one."""
     cluster = two_node_cluster
-    submit = ["job", "submit", "--address", cluster.dashboard, "--no-wait", "--working-dir", ".",
-              "--", "python", "-m", "raydapt", "run", "jobs/prepare-only.yaml"]
+    submit = [
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard,
+        "--no-wait",
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-m",
+        "raydapt",
+        "run",
+        "jobs/prepare-only.yaml",
+    ]
     r = _ray_cli(submit, _no_auth_env())
-    assert r.returncode != 0 and "Missing authentication token" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.returncode != 0 and "Missing authentication token" in r.stdout + r.stderr, (
+        r.stdout + r.stderr
+    )
     r = _ray_cli(submit, {**_no_auth_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64})
-    assert r.returncode != 0 and "Invalid authentication token" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.returncode != 0 and "Invalid authentication token" in r.stdout + r.stderr, (
+        r.stdout + r.stderr
+    )
     # a token without RAY_AUTH_MODE=token is never sent
-    r = _ray_cli(["job", "list", "--address", cluster.dashboard], {**_no_auth_env(), "RAY_AUTH_TOKEN": cluster.token})
+    r = _ray_cli(
+        ["job", "list", "--address", cluster.dashboard],
+        {**_no_auth_env(), "RAY_AUTH_TOKEN": cluster.token},
+    )
     assert r.returncode != 0, r.stdout + r.stderr
-    r = _ray_cli(["job", "list", "--address", cluster.dashboard],
-                 {**_no_auth_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token})
+    r = _ray_cli(
+        ["job", "list", "--address", cluster.dashboard],
+        {**_no_auth_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.slow
 def test_node_without_the_token_cannot_join(two_node_cluster):
     cluster = two_node_cluster
-    third = ["start", f"--address={cluster.gcs}", "--num-cpus=1", f"--temp-dir={cluster.tmp}-3", *_node_ports()]
+    third = [
+        "start",
+        f"--address={cluster.gcs}",
+        "--num-cpus=1",
+        f"--temp-dir={cluster.tmp}-3",
+        *_node_ports(),
+    ]
     r = _ray_cli(third, _no_auth_env())
     out = r.stdout + r.stderr
     assert r.returncode != 0 and "InvalidAuthToken" in out, out[-3000:]
@@ -192,17 +265,33 @@ def test_node_without_the_token_cannot_join(two_node_cluster):
 def test_raydapt_without_the_token_says_what_to_set(two_node_cluster, tmp_path):
     """raydapt's own CLI attaching with --address: exit 2 and the variables to set, no traceback."""
     cluster = two_node_cluster
-    cmd = [sys.executable, "-m", "raydapt", "prepare", "jobs/prepare-only.yaml", f"output_dir={tmp_path / 'run'}",
-           "--address", cluster.gcs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raydapt",
+        "prepare",
+        "jobs/prepare-only.yaml",
+        f"output_dir={tmp_path / 'run'}",
+        "--address",
+        cluster.gcs,
+    ]
     t0 = time.monotonic()
-    r = subprocess.run(cmd, env=_no_auth_env(), capture_output=True, text=True, timeout=180, cwd=ROOT)
+    r = subprocess.run(
+        cmd, env=_no_auth_env(), capture_output=True, text=True, timeout=180, cwd=ROOT
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     assert "raydapt: error:" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     for var in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         assert var in r.stderr, (var, r.stderr[-3000:])
     assert time.monotonic() - t0 < 60  # asked the cluster once, not ray.init's 20 s of retries
     # a wrong token: refused, and said so
-    r = subprocess.run(cmd, env={**_no_auth_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
-                       capture_output=True, text=True, timeout=180, cwd=ROOT)
+    r = subprocess.run(
+        cmd,
+        env={**_no_auth_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "refused this process's token" in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / "run").exists()

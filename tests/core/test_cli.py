@@ -10,8 +10,13 @@ ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
 
 
 def raydapt(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "raydapt", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "raydapt", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
 
 
 def test_help_lists_every_command():
@@ -47,13 +52,27 @@ def test_bad_override_exits_2():
 
 
 def test_init_model_missing_corpus_exits_2(tmp_path):
-    r = raydapt("init-model", "--preset", "tiny", "--corpus", str(tmp_path / "none.jsonl"),
-                "--out", str(tmp_path / "m"))
+    r = raydapt(
+        "init-model",
+        "--preset",
+        "tiny",
+        "--corpus",
+        str(tmp_path / "none.jsonl"),
+        "--out",
+        str(tmp_path / "m"),
+    )
     assert r.returncode == 2 and "none.jsonl" in r.stderr
     assert not (tmp_path / "m").exists()
 
 
 def test_unreachable_address_fails_fast(tmp_path):
-    r = raydapt("prepare", "jobs/prepare-only.yaml", f"output_dir={tmp_path}",
-                "cluster.connect_timeout_s=3", "--address", "127.0.0.1:1", timeout=60)
+    r = raydapt(
+        "prepare",
+        "jobs/prepare-only.yaml",
+        f"output_dir={tmp_path}",
+        "cluster.connect_timeout_s=3",
+        "--address",
+        "127.0.0.1:1",
+        timeout=60,
+    )
     assert r.returncode == 2 and "no Ray cluster answers at 127.0.0.1:1" in r.stderr

@@ -19,8 +19,17 @@ def test_defaults_are_valid():
 def test_overrides_coerce_types(tmp_path):
     job = tmp_path / "j.yaml"
     job.write_text("train:\n  lr: 1.0e-3\n")
-    cfg = load_job(job, ["train.lr=3e-4", "train.mode=lora", "train.max_steps=7",
-                         "train.lora_targets=[q_proj,k_proj]", "train.use_gpu=false", "name=x"])
+    cfg = load_job(
+        job,
+        [
+            "train.lr=3e-4",
+            "train.mode=lora",
+            "train.max_steps=7",
+            "train.lora_targets=[q_proj,k_proj]",
+            "train.use_gpu=false",
+            "name=x",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.mode == "lora" and cfg.train.max_steps == 7
     assert cfg.train.lora_targets == ["q_proj", "k_proj"]
@@ -30,7 +39,7 @@ def test_overrides_coerce_types(tmp_path):
 def test_all_errors_reported_together(tmp_path):
     job = tmp_path / "bad.yaml"
     job.write_text(
-        "trian: {}\n"                      # unknown section
+        "trian: {}\n"  # unknown section
         "train:\n  lr: fast\n  mdoe: lora\n  max_steps: -1\n"
         "teach:\n  kind: sample\n"
         "stages: [prepare, bake]\n"
@@ -39,18 +48,34 @@ def test_all_errors_reported_together(tmp_path):
         load_job(job)
     msg = str(e.value)
     assert str(job) in msg
-    for needle in ("trian: unknown section (did you mean `train`?)", "train.lr: expected float",
-                   "train.mdoe: unknown key (did you mean `mode`?)", "train.max_steps: must be > 0",
-                   "teach.kind: 'sample' is not one of", "stages: 'bake' is not a stage"):
+    for needle in (
+        "trian: unknown section (did you mean `train`?)",
+        "train.lr: expected float",
+        "train.mdoe: unknown key (did you mean `mode`?)",
+        "train.max_steps: must be > 0",
+        "teach.kind: 'sample' is not one of",
+        "stages: 'bake' is not a stage",
+    ):
         assert needle in msg, needle
     assert len(e.value.problems) == 6
 
 
 def test_cross_field_checks():
     with pytest.raises(ConfigError) as e:
-        job_from_dict({"corpus": {"source": "files"}, "teach": {"min_actors": 3, "max_actors": 1},
-                       "train": {"mode": "distill", "kd_k": 8, "jsd_beta": 1.5}, "tune": {"space": {"train.lr": {"loguniform": [0, 1]},
-                       "train.nope": {"choice": [1]}, "lr": {"choice": [1]}}}})
+        job_from_dict(
+            {
+                "corpus": {"source": "files"},
+                "teach": {"min_actors": 3, "max_actors": 1},
+                "train": {"mode": "distill", "kd_k": 8, "jsd_beta": 1.5},
+                "tune": {
+                    "space": {
+                        "train.lr": {"loguniform": [0, 1]},
+                        "train.nope": {"choice": [1]},
+                        "lr": {"choice": [1]},
+                    }
+                },
+            }
+        )
     msg = str(e.value)
     assert "corpus.paths" in msg and "teach.max_actors" in msg
     # a removed key names its replacement; ranges match the losses' ([0, 1] for jsd_beta)

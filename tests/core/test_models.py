@@ -24,9 +24,15 @@ def test_init_model_round_trip(tiny_model_dir):
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()
     again = models.load_model(tiny_model_dir)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    assert models.tokenizer_hash(tok) == models.tokenizer_hash(models.load_tokenizer(tiny_model_dir))
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
+    )
+    assert models.tokenizer_hash(tok) == models.tokenizer_hash(
+        models.load_tokenizer(tiny_model_dir)
+    )
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == "<|user|>hi<|assistant|>"
 
 
@@ -45,15 +51,24 @@ def test_hub_id_offline_is_user_error():
 @pytest.mark.slow
 def test_vllm_generates_from_init_model(tiny_model_dir, tmp_path):
     script = tmp_path / "gen.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         from vllm import LLM, SamplingParams
         if __name__ == "__main__":
-            llm = LLM(model={str(tiny_model_dir)!r}, dtype="float32", enforce_eager=True, max_model_len=256)
-            out = llm.generate(["add 123 456"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+            llm = LLM(model={str(tiny_model_dir)!r}, dtype="float32", enforce_eager=True,
+                      max_model_len=256)
+            out = llm.generate(["add 123 456"],
+                               SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
             print("TOKENS", len(out[0].outputs[0].token_ids))
-    """))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    """)
+    )
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
     assert "TOKENS 8" in r.stdout, r.stderr[-3000:]
 
 

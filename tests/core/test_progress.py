@@ -11,7 +11,11 @@ def test_lines_off_a_tty_are_periodic_and_end_with_a_total():
         for _ in range(4):
             bar.update(2, loss=0.5)
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("[teach] 2/10 rows (20%)") and "eta" in lines[0] and "loss 0.5" in lines[0]
+    assert (
+        lines[0].startswith("[teach] 2/10 rows (20%)")
+        and "eta" in lines[0]
+        and "loss 0.5" in lines[0]
+    )
     assert lines[-1].startswith("[teach] 8/10 rows (80%) in ") and "eta" not in lines[-1]
     assert len(lines) == 5  # four updates, one final line
 

@@ -8,9 +8,11 @@ from raydapt.rows import loss_mask_of, next_token_targets, pack
 
 
 def test_pack_hand_computed():
-    docs = [(np.array([1, 2, 3]), np.array([0, 1, 1])),
-            (np.array([4, 5]), np.array([0, 1])),
-            (np.array([6, 7, 8, 9]), np.array([0, 0, 1, 1]))]
+    docs = [
+        (np.array([1, 2, 3]), np.array([0, 1, 1])),
+        (np.array([4, 5]), np.array([0, 1])),
+        (np.array([6, 7, 8, 9]), np.array([0, 0, 1, 1])),
+    ]
     rows = pack(docs, seq_len=5)
     assert [r[2] for r in rows] == [[0, 1], [2]]
     ids, mask, _ = rows[0]

@@ -32,8 +32,11 @@ def test_a_second_run_on_the_same_output_names_the_holder(tmp_path):
     try:
         lock = tmp_path / "train" / "final.lock"
         lock.parent.mkdir(parents=True)
-        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
-                                    "started": "2026-12-01T10:00:00Z"}))
+        lock.write_text(
+            json.dumps(
+                {"pid": holder.pid, "host": socket.gethostname(), "started": "2026-12-01T10:00:00Z"}
+            )
+        )
         with pytest.raises(UserError) as e, output_lock(out):
             pass
         assert f"pid {holder.pid}" in str(e.value) and "2026-12-01T10:00:00Z" in str(e.value)

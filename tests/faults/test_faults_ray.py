@@ -30,8 +30,13 @@ from builders import run_train, train_metrics
 from raydapt import layout
 
 WORKER_NODE = {"num_cpus": 2, "object_store_memory": 200 * 2**20, "resources": {"worker_node": 1}}
-ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
 
 
 # ----------------------------------------------------------------------------- storage
@@ -45,7 +50,8 @@ from raydapt.targets import PartStore
 root = Path(sys.argv[1])
 store = PartStore(root / "targets")
 parts = [pa.table({"id": [f"p{p}-{i:05d}" for i in range(PART_ROWS)],
-                   "input_ids": [list(range(i % 50 + 1)) for i in range(PART_ROWS)]}) for p in range(PARTS)]
+                   "input_ids": [list(range(i % 50 + 1)) for i in range(PART_ROWS)]})
+         for p in range(PARTS)]
 print("go", flush=True)
 for t in parts:
     store.write(t)
@@ -63,9 +69,15 @@ def start_writer(root: Path):
     import subprocess
     import sys
 
-    code = (WRITER.replace("PART_ROWS", str(PART_ROWS)).replace("PARTS", str(PARTS))
-            .replace("FILE_ROWS", str(FILE_ROWS)).replace("TENSORS", str(TENSORS)))
-    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
+    code = (
+        WRITER.replace("PART_ROWS", str(PART_ROWS))
+        .replace("PARTS", str(PARTS))
+        .replace("FILE_ROWS", str(FILE_ROWS))
+        .replace("TENSORS", str(TENSORS))
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "go"
     return proc
 
@@ -147,7 +159,9 @@ class Nodes:
     def alive_worker_ids(self) -> set[str]:
         import ray
 
-        return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("worker_node")}
+        return {
+            n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("worker_node")
+        }
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +171,14 @@ def nodes(ray_session):
 
     if ray.is_initialized():
         ray.shutdown()  # the shared single-node cluster; the next test that needs it restarts it
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 300 * 2**20,
-                                                           "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": 300 * 2**20,
+            "include_dashboard": False,
+        },
+    )
     try:
         for _ in range(2):
             cluster.add_node(**WORKER_NODE)
@@ -175,7 +195,9 @@ def wait_for(path: Path, timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"nothing reached the fault-injection point ({path}) in {timeout:.0f} s")
+            raise TimeoutError(
+                f"nothing reached the fault-injection point ({path}) in {timeout:.0f} s"
+            )
         time.sleep(0.2)
     return json.loads(path.read_text())
 
@@ -204,8 +226,16 @@ class Background:
 
 # ----------------------------------------------------------------------------- training
 
-TRAIN_KW = dict(max_steps=8, checkpoint_every=3, eval_every=4, log_every=4, batch_size=4, num_workers=2,
-                cpus_per_worker=1, placement_strategy="SPREAD", max_failures=2)
+TRAIN_KW = dict(
+    max_steps=8,
+    checkpoint_every=3,
+    eval_every=4,
+    batch_size=4,
+    num_workers=2,
+    cpus_per_worker=1,
+    placement_strategy="SPREAD",
+    max_failures=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +276,11 @@ def assert_same_model(straight, faulty, summary: dict, start: int) -> None:
     assert sorted({x["step"] for x in b}) == list(range(1, 9))
     last = {x["step"]: x for x in b}  # the surviving attempt's line for each step
     for x in a:
-        assert abs(x["loss"] - last[x["step"]]["loss"]) < 1e-5, (x["step"], x["loss"], last[x["step"]]["loss"])
+        assert abs(x["loss"] - last[x["step"]]["loss"]) < 1e-5, (
+            x["step"],
+            x["loss"],
+            last[x["step"]]["loss"],
+        )
     assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 1e-5
     wa = load_file(layout.export_dir(straight) / "model.safetensors")
     wb = load_file(layout.export_dir(faulty) / "model.safetensors")
@@ -336,9 +370,11 @@ def replicas() -> dict[str, dict]:
     """Alive replica actors of the app (GCS actor table: name -> pid, node), no dashboard needed."""
     import ray
 
-    return {a["Name"]: {"pid": a["Pid"], "node_id": a["Address"]["NodeID"]}
-            for a in ray._private.state.actors().values()
-            if a["State"] == "ALIVE" and (a.get("Name") or "").startswith(REPLICA)}
+    return {
+        a["Name"]: {"pid": a["Pid"], "node_id": a["Address"]["NodeID"]}
+        for a in ray._private.state.actors().values()
+        if a["State"] == "ALIVE" and (a.get("Name") or "").startswith(REPLICA)
+    }
 
 
 def running_replicas() -> int:
@@ -359,7 +395,8 @@ def wait_until(pred, timeout: float, what: str) -> None:
 
 
 class Load:
-    """`n` clients sending the same greedy completion in a loop; records (sent, done, status, text)."""
+    """`n` clients sending the same greedy completion in a loop; records (sent, done, status,
+    text)."""
 
     BODY = {"model": "tiny", "prompt": "12+34=", "max_tokens": 8, "temperature": 0}
 
@@ -400,9 +437,22 @@ def served(nodes, tiny_model_dir, tmp_path):
     from raydapt.pipeline import run_stage
 
     port = free_port()
-    cfg = job_from_dict({"output_dir": str(tmp_path), "serve": {
-        "name": "tiny", "port": port, "proxy_location": "HeadOnly", "max_model_len": 128, "dtype": "float32", "min_replicas": 2,
-        "max_replicas": 2, "cpus_per_replica": 1.0, "api_keys_env": "RAYDAPT_NO_KEYS_IN_THIS_TEST"}})
+    cfg = job_from_dict(
+        {
+            "output_dir": str(tmp_path),
+            "serve": {
+                "name": "tiny",
+                "port": port,
+                "proxy_location": "HeadOnly",
+                "max_model_len": 128,
+                "dtype": "float32",
+                "min_replicas": 2,
+                "max_replicas": 2,
+                "cpus_per_replica": 1.0,
+                "api_keys_env": "RAYDAPT_NO_KEYS_IN_THIS_TEST",
+            },
+        }
+    )
     try:
         yield run_stage("serve", cfg, model_dir=str(tiny_model_dir), block=False)["url"]
     finally:
@@ -412,7 +462,8 @@ def served(nodes, tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_serve_replica_killed_under_load_recovers(served):
     """ray.kill of one of 2 replicas while clients send requests: only 5xx may fail, the other
-    replica keeps answering, the app returns to 2 running replicas and later requests all succeed."""
+    replica keeps answering, the app returns to 2 running replicas and later requests all
+    succeed."""
     import httpx
     import ray
 
@@ -420,20 +471,29 @@ def test_serve_replica_killed_under_load_recovers(served):
     assert running_replicas() == 2 and len(before) == 2
     assert len({r["node_id"] for r in before.values()}) == 2  # one replica per worker node
     load = Load(served)
-    wait_until(lambda: sum(1 for x in load.log if x[2] == 200) >= 4, 120, "4 answers before the kill")
+    wait_until(
+        lambda: sum(1 for x in load.log if x[2] == 200) >= 4, 120, "4 answers before the kill"
+    )
     victim = sorted(before)[0]
     t_kill = time.time()
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    wait_until(lambda: victim not in replicas() and len(replicas()) == 2 and running_replicas() == 2,
-               300, "a replacement replica")
+    wait_until(
+        lambda: victim not in replicas() and len(replicas()) == 2 and running_replicas() == 2,
+        300,
+        "a replacement replica",
+    )
     t_back = time.time()
     log = load.finish()
-    print(f"serve fault: replacement running {t_back - t_kill:.1f} s after the kill; "
-          f"{len(log)} requests under load, codes {sorted(set(c for *_, c, _ in log))}")
+    print(
+        f"serve fault: replacement running {t_back - t_kill:.1f} s after the kill; "
+        f"{len(log)} requests under load, codes {sorted(set(c for *_, c, _ in log))}"
+    )
     after = replicas()
     assert victim not in after and len(after) == 2 and running_replicas() == 2
     codes = [c for *_, c, _ in log]
-    assert all(c == 200 or c >= 500 for c in codes), codes  # in-flight requests may fail with 5xx only
+    assert all(c == 200 or c >= 500 for c in codes), (
+        codes
+    )  # in-flight requests may fail with 5xx only
     # the surviving replica answered while the replacement started
     assert any(c == 200 and t0 > t_kill + 1 and t1 < t_back for t0, t1, c, _ in log)
     # later requests all succeed, on both replicas, with the same greedy text as before the kill

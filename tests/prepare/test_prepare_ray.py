@@ -14,12 +14,14 @@ from raydapt.storage import read_manifest
 
 
 def make_cfg(tmp_path, model_dir, paths, **prepare):
-    return job_from_dict({
-        "output_dir": str(tmp_path / "out"),
-        "corpus": {"source": "files", "paths": [str(p) for p in paths]},
-        "student": {"path": str(model_dir), "preset": ""},
-        "prepare": {"seq_len": 64, "val_fraction": 0.2, **prepare},
-    })
+    return job_from_dict(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "corpus": {"source": "files", "paths": [str(p) for p in paths]},
+            "student": {"path": str(model_dir), "preset": ""},
+            "prepare": {"seq_len": 64, "val_fraction": 0.2, **prepare},
+        }
+    )
 
 
 def read_split(out, split):
@@ -31,18 +33,31 @@ def test_jsonl_rows_and_every_drop_reason(tmp_path, tiny_model_dir, ray_cluster)
     f = tmp_path / "c.jsonl"
     good = [{"text": f"hello world {i}"} for i in range(30)]
     good += [{"prompt": f"add {i} 1", "response": f"#### {i + 1}"} for i in range(30)]
-    good += [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]}
-             for i in range(10)]
+    good += [
+        {
+            "messages": [
+                {"role": "user", "content": f"hi {i}"},
+                {"role": "assistant", "content": f"yo {i}"},
+            ]
+        }
+        for i in range(10)
+    ]
     lines = [json.dumps(r) for r in good]
-    lines += ['{"text": "broken', json.dumps([1, 2]), json.dumps({"other": 1})]          # 3 malformed
-    lines += [json.dumps({"text": "   "}), json.dumps({"prompt": "", "response": "x"})]    # 2 empty
-    lines += [json.dumps({"text": "x" * 5000})]                                            # too long chars
-    lines += [json.dumps({"text": " ".join(["a b c d e f"] * 40)})]                        # too long tokens
-    lines += [json.dumps(good[0]), json.dumps(good[40])]                                   # 2 duplicates
+    lines += ['{"text": "broken', json.dumps([1, 2]), json.dumps({"other": 1})]  # 3 malformed
+    lines += [json.dumps({"text": "   "}), json.dumps({"prompt": "", "response": "x"})]  # 2 empty
+    lines += [json.dumps({"text": "x" * 5000})]  # too long chars
+    lines += [json.dumps({"text": " ".join(["a b c d e f"] * 40)})]  # too long tokens
+    lines += [json.dumps(good[0]), json.dumps(good[40])]  # 2 duplicates
     f.write_text("\n".join(lines) + "\n")
     cfg = make_cfg(tmp_path, tiny_model_dir, [f], max_chars=1000)
     m = run_stage("prepare", cfg)
-    assert m["dropped"] == {"malformed": 3, "empty": 2, "too_long_chars": 1, "too_long_tokens": 1, "duplicate": 2}
+    assert m["dropped"] == {
+        "malformed": 3,
+        "empty": 2,
+        "too_long_chars": 1,
+        "too_long_tokens": 1,
+        "duplicate": 2,
+    }
     assert m["documents"] == 70
     assert any("broken" in ex for ex in m["drop_examples"]["malformed"])
     train, val = read_split(cfg.out, "train"), read_split(cfg.out, "validation")
@@ -54,10 +69,14 @@ def test_jsonl_rows_and_every_drop_reason(tmp_path, tiny_model_dir, ray_cluster)
 
     # prompt tokens are masked: the loss covers exactly the response (+eos) of a prompt row
     from raydapt.models import load_tokenizer
+
     tok = load_tokenizer(tiny_model_dir)
     nopack = make_cfg(tmp_path / "np", tiny_model_dir, [f], max_chars=1000, pack=False)
     run_stage("prepare", nopack)
-    rows = read_split(nopack.out, "train").to_pylist() + read_split(nopack.out, "validation").to_pylist()
+    rows = (
+        read_split(nopack.out, "train").to_pylist()
+        + read_split(nopack.out, "validation").to_pylist()
+    )
     for r in rows:
         text = tok.decode(r["input_ids"])
         if text.startswith("<|user|>add 3 1"):
@@ -75,8 +94,15 @@ def test_jsonl_rows_and_every_drop_reason(tmp_path, tiny_model_dir, ray_cluster)
 
 
 def test_parquet_and_txt_inputs(tmp_path, tiny_model_dir, ray_cluster):
-    pq.write_table(pa.table({"prompt": [f"sort {i} 2" for i in range(20)],
-                             "response": [f"#### {i}" for i in range(20)]}), tmp_path / "a.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "prompt": [f"sort {i} 2" for i in range(20)],
+                "response": [f"#### {i}" for i in range(20)],
+            }
+        ),
+        tmp_path / "a.parquet",
+    )
     cfg = make_cfg(tmp_path / "p", tiny_model_dir, [tmp_path / "*.parquet"])
     m = run_stage("prepare", cfg)
     assert m["documents"] == 20 and m["format"] == "parquet"
@@ -106,13 +132,16 @@ def test_missing_file_unreadable_shard_and_vocab_mismatch(tmp_path, tiny_model_d
         run_stage("prepare", make_cfg(tmp_path, tiny_model_dir, [tmp_path / "x.parquet"]))
     # a model whose embedding is smaller than its tokenizer
     import shutil
+
     small = tmp_path / "small"
     shutil.copytree(tiny_model_dir, small)
     cfgj = json.loads((small / "config.json").read_text())
     cfgj["vocab_size"] = 100
     (small / "config.json").write_text(json.dumps(cfgj))
     (tmp_path / "ok.jsonl").write_text('{"text": "hi"}\n')
-    with pytest.raises(UserError, match="tokenizer has .* tokens but the model's embedding has 100 rows"):
+    with pytest.raises(
+        UserError, match="tokenizer has .* tokens but the model's embedding has 100 rows"
+    ):
         run_stage("prepare", make_cfg(tmp_path, small, [tmp_path / "ok.jsonl"]))
 
 

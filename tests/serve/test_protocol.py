@@ -23,14 +23,17 @@ def _parse(body, cls=P.CompletionRequest):
     return P.parse_request(json.dumps(body).encode(), cls)
 
 
-@pytest.mark.parametrize("raw,param,code", [
-    (b"{oops", None, "invalid_json"),
-    (b"[1, 2]", None, "invalid_json"),
-    (b'{"prompt": "x"}', "model", "missing_required_parameter"),
-    (b'{"model": "m", "prompt": "x", "max_tokens": "lots"}', "max_tokens", "invalid_type"),
-    (b'{"model": "m", "prompt": {"a": 1}}', "prompt", "invalid_type"),
-    (b'{"model": "m", "prompt": "x", "echo": "maybe"}', "echo", "invalid_type"),
-])
+@pytest.mark.parametrize(
+    "raw,param,code",
+    [
+        (b"{oops", None, "invalid_json"),
+        (b"[1, 2]", None, "invalid_json"),
+        (b'{"prompt": "x"}', "model", "missing_required_parameter"),
+        (b'{"model": "m", "prompt": "x", "max_tokens": "lots"}', "max_tokens", "invalid_type"),
+        (b'{"model": "m", "prompt": {"a": 1}}', "prompt", "invalid_type"),
+        (b'{"model": "m", "prompt": "x", "echo": "maybe"}', "echo", "invalid_type"),
+    ],
+)
 def test_parse_errors_name_the_field(raw, param, code):
     with pytest.raises(P.APIError) as e:
         P.parse_request(raw, P.CompletionRequest)
@@ -41,11 +44,26 @@ def test_parse_errors_name_the_field(raw, param, code):
 
 def test_chat_message_shapes():
     with pytest.raises(P.APIError) as e:
-        _parse({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, P.ChatCompletionRequest)
+        _parse(
+            {"model": "m", "messages": [{"role": "robot", "content": "x"}]}, P.ChatCompletionRequest
+        )
     assert e.value.param == "messages"
-    req = _parse({"model": "m", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}, {"type": "text", "text": "b"}]}]},
-        P.ChatCompletionRequest)
+    req = _parse(
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "a"},
+                        {"type": "image_url", "image_url": {}},
+                        {"type": "text", "text": "b"},
+                    ],
+                }
+            ],
+        },
+        P.ChatCompletionRequest,
+    )
     assert req.messages[0].text() == "ab"
 
 
@@ -60,10 +78,18 @@ def test_prompt_forms():
         assert e.value.param == "prompt"
 
 
-@pytest.mark.parametrize("extra,param", [
-    ({"n": 0}, "n"), ({"n": 9}, "n"), ({"temperature": -0.1}, "temperature"), ({"top_p": 0}, "top_p"),
-    ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"logprobs": 21}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"n": 0}, "n"),
+        ({"n": 9}, "n"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logprobs": 21}, "logprobs"),
+    ],
+)
 def test_sampling_checks(extra, param):
     with pytest.raises(P.APIError) as e:
         P.check_sampling(_parse({"model": "m", "prompt": "x", **extra}), max_n=8)
@@ -72,8 +98,9 @@ def test_sampling_checks(extra, param):
 
 
 def test_completion_logprobs_layout():
-    lp = P.completion_logprobs([("ab", None, None), ("c", -0.5, {"c": -0.5, "d": float("-inf")}),
-                                ("", -1.0, {"": -1.0})])
+    lp = P.completion_logprobs(
+        [("ab", None, None), ("c", -0.5, {"c": -0.5, "d": float("-inf")}), ("", -1.0, {"": -1.0})]
+    )
     assert lp["tokens"] == ["ab", "c", ""] and lp["text_offset"] == [0, 2, 3]
     assert lp["token_logprobs"] == [None, -0.5, -1.0]
     assert lp["top_logprobs"][0] is None and lp["top_logprobs"][1]["d"] == -9999.0  # JSON-safe
@@ -117,8 +144,9 @@ def test_adapters_resolved_and_checked(tmp_path):
     big = _fake_adapter(tmp_path / "big", r=64)
     cfg = job_from_dict({"serve": {"adapters": {"a": str(good)}}})
     assert resolve_adapters(cfg, model, "base") == {"a": str(good.resolve())}
-    bad = job_from_dict({"serve": {"adapters": {"big": str(big), "gone": str(tmp_path / "x"),
-                                                "base": str(good)}}})
+    bad = job_from_dict(
+        {"serve": {"adapters": {"big": str(big), "gone": str(tmp_path / "x"), "base": str(good)}}}
+    )
     with pytest.raises(UserError) as e:
         resolve_adapters(bad, model, "base")
     msg = str(e.value)
@@ -130,7 +158,9 @@ def test_adapters_resolved_and_checked(tmp_path):
     export.mkdir(parents=True)
     (export / "config.json").write_text("{}")
     _fake_adapter(export / "adapter")
-    spec = build_spec(job_from_dict({"name": "demo", "output_dir": str(out), "serve": {"api_keys_env": ""}}))
+    spec = build_spec(
+        job_from_dict({"name": "demo", "output_dir": str(out), "serve": {"api_keys_env": ""}})
+    )
     assert spec.name == "demo" and list(spec.adapters) == ["demo-lora"]
     assert spec.engine["enable_lora"] and spec.engine["max_lora_rank"] == 16
 

@@ -31,7 +31,9 @@ def make_adapter(model_dir, out, seed: int = 1):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -52,12 +54,24 @@ def server(tiny_model_dir, tmp_path_factory, ray_session):
     adapter = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("lora") / "adapter")
     adapter2 = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("lora2") / "adapter", seed=2)
     os.environ["RAYDAPT_TEST_KEYS"] = f"other-key,{KEY}"
-    cfg = job_from_dict({"output_dir": str(tmp_path_factory.mktemp("serve_out")), "serve": {
-        "name": "tiny", "adapters": {ADAPTER: str(adapter), ADAPTER2: str(adapter2)},
-        "max_loras": 1, "port": free_port(),
-        "max_model_len": MAX_LEN, "dtype": "float32", "max_ongoing_requests": 8,
-        "max_queued_requests": 4, "max_n": 4, "api_keys_env": "RAYDAPT_TEST_KEYS",
-        "cpus_per_replica": 1.0}})
+    cfg = job_from_dict(
+        {
+            "output_dir": str(tmp_path_factory.mktemp("serve_out")),
+            "serve": {
+                "name": "tiny",
+                "adapters": {ADAPTER: str(adapter), ADAPTER2: str(adapter2)},
+                "max_loras": 1,
+                "port": free_port(),
+                "max_model_len": MAX_LEN,
+                "dtype": "float32",
+                "max_ongoing_requests": 8,
+                "max_queued_requests": 4,
+                "max_n": 4,
+                "api_keys_env": "RAYDAPT_TEST_KEYS",
+                "cpus_per_replica": 1.0,
+            },
+        }
+    )
     url = run_stage("serve", cfg, model_dir=str(tiny_model_dir), block=False)["url"]
     yield {"url": url, "model_dir": tiny_model_dir}
     serve.shutdown()
@@ -74,8 +88,9 @@ def client(server):
 def http(server):
     import httpx
 
-    with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=60) as c:
+    with httpx.Client(
+        base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as c:
         yield c
 
 
@@ -93,18 +108,28 @@ def test_completion_and_chat(client):
     again = client.completions.create(model="tiny", prompt="12+34=", max_tokens=6, temperature=0)
     assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
 
-    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "sort 3 1 2"}],
-                                       max_tokens=6, temperature=0)
-    assert c.choices[0].message.role == "assistant" and isinstance(c.choices[0].message.content, str)
-    assert c.usage.prompt_tokens > 3 and c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    c = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "sort 3 1 2"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert c.choices[0].message.role == "assistant" and isinstance(
+        c.choices[0].message.content, str
+    )
+    assert (
+        c.usage.prompt_tokens > 3
+        and c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    )
 
 
 def test_batch_prompts_n_and_seed(client, server):
     from raydapt.models import load_tokenizer
 
     ids = load_tokenizer(server["model_dir"])("7+8=")["input_ids"]
-    r = client.completions.create(model="tiny", prompt=["1+1=", "9+9="], max_tokens=4, n=2,
-                                  temperature=1.0, seed=3)
+    r = client.completions.create(
+        model="tiny", prompt=["1+1=", "9+9="], max_tokens=4, n=2, temperature=1.0, seed=3
+    )
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     s1 = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=1.0, seed=7)
     s2 = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=1.0, seed=7)
@@ -115,35 +140,60 @@ def test_streaming_matches_non_streaming(client):
     kw = dict(model="tiny", max_tokens=8, temperature=0)
     resp = client.completions.create(prompt="5+5=", **kw)
     full = resp.choices[0].text
-    parts = [ch.choices[0].text for ch in client.completions.create(prompt="5+5=", stream=True, **kw)
-             if ch.choices]
+    parts = [
+        ch.choices[0].text
+        for ch in client.completions.create(prompt="5+5=", stream=True, **kw)
+        if ch.choices
+    ]
     assert len(parts) >= 2 and "".join(parts) == full
-    chunks = list(client.completions.create(prompt="5+5=", stream=True, echo=True,
-                                            stream_options={"include_usage": True}, **kw))
+    chunks = list(
+        client.completions.create(
+            prompt="5+5=", stream=True, echo=True, stream_options={"include_usage": True}, **kw
+        )
+    )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == "5+5=" + full and chunks[0].choices[0].text.startswith("5+5=")
-    assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens and not chunks[-1].choices
+    assert (
+        chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+        and not chunks[-1].choices
+    )
 
     msgs = [{"role": "user", "content": "reverse abc"}]
     full = client.chat.completions.create(messages=msgs, **kw).choices[0].message.content
-    deltas = [ch.choices[0].delta.content or "" for ch in
-              client.chat.completions.create(messages=msgs, stream=True, **kw) if ch.choices]
+    deltas = [
+        ch.choices[0].delta.content or ""
+        for ch in client.chat.completions.create(messages=msgs, stream=True, **kw)
+        if ch.choices
+    ]
     assert "".join(deltas) == full
 
 
 def test_echo_logprobs_score_prompt(client, server):
-    """lm-eval style scoring: echo + logprobs; values agree with the model's own sampling logprobs."""
+    """lm-eval style scoring: echo + logprobs; values agree with the model's own sampling
+    logprobs."""
     from raydapt.models import load_tokenizer
 
     ids = load_tokenizer(server["model_dir"])("12+34=46")["input_ids"]
-    gen = client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, logprobs=1,
-                                    extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+    gen = client.completions.create(
+        model="tiny",
+        prompt=ids,
+        max_tokens=4,
+        temperature=0,
+        logprobs=1,
+        extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+    )
     glp = gen.choices[0].logprobs
     new_ids = [int(t.split(":")[1]) for t in glp.tokens]
     assert len(new_ids) == 4
 
-    score = client.completions.create(model="tiny", prompt=ids + new_ids, max_tokens=0, echo=True,
-                                      logprobs=1, extra_body={"return_tokens_as_token_ids": True})
+    score = client.completions.create(
+        model="tiny",
+        prompt=ids + new_ids,
+        max_tokens=0,
+        echo=True,
+        logprobs=1,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
     lp = score.choices[0].logprobs
     assert [int(t.split(":")[1]) for t in lp.tokens] == ids + new_ids
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
@@ -156,11 +206,19 @@ def test_echo_logprobs_score_prompt(client, server):
     for tok, top in zip(lp.tokens[-4:], lp.top_logprobs[-4:], strict=False):
         assert max(top, key=top.get) == tok
 
-    again = client.completions.create(model="tiny", prompt=ids + new_ids, max_tokens=0, echo=True,
-                                      logprobs=1, extra_body={"return_tokens_as_token_ids": True})
+    again = client.completions.create(
+        model="tiny",
+        prompt=ids + new_ids,
+        max_tokens=0,
+        echo=True,
+        logprobs=1,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
     assert again.choices[0].logprobs.token_logprobs == lp.token_logprobs
 
-    text = client.completions.create(model="tiny", prompt="12+34=46", max_tokens=1, echo=True, logprobs=2)
+    text = client.completions.create(
+        model="tiny", prompt="12+34=46", max_tokens=1, echo=True, logprobs=2
+    )
     tlp = text.choices[0].logprobs
     assert text.choices[0].text.startswith("12+34=46") and len(tlp.tokens) == len(ids) + 1
     assert tlp.text_offset[0] == 0 and tlp.top_logprobs[1] is not None
@@ -172,14 +230,18 @@ def test_lora_switch(client):
     lora = client.completions.create(model=ADAPTER, **kw).choices[0]
     assert base.logprobs.token_logprobs != lora.logprobs.token_logprobs
     assert base.text != lora.text
-    assert client.completions.create(model="tiny", **kw).choices[0].text == base.text  # base unchanged
-    chat = client.chat.completions.create(model=ADAPTER, messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=4, temperature=0)
+    assert (
+        client.completions.create(model="tiny", **kw).choices[0].text == base.text
+    )  # base unchanged
+    chat = client.chat.completions.create(
+        model=ADAPTER, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
     assert chat.model == ADAPTER
 
 
 def test_lora_lru_eviction_and_reload(client):
-    """max_loras=1: each switch evicts the other adapter; a reloaded adapter gives the same output."""
+    """max_loras=1: each switch evicts the other adapter; a reloaded adapter gives the same
+    output."""
     kw = dict(prompt="add 12 34", max_tokens=8, temperature=0, logprobs=1)
     first = client.completions.create(model=ADAPTER, **kw).choices[0]
     other = client.completions.create(model=ADAPTER2, **kw).choices[0]
@@ -189,18 +251,21 @@ def test_lora_lru_eviction_and_reload(client):
     assert again.logprobs.token_logprobs == pytest.approx(first.logprobs.token_logprobs, abs=1e-4)
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"model": "tiny", "prompt": "1+1=", "max_tokens": "many"}, "max_tokens"),
-    ({"model": "tiny", "prompt": 123}, "prompt"),
-    ({"model": "tiny", "prompt": ""}, "prompt"),
-    ({"model": "tiny", "prompt": []}, "prompt"),
-    ({"model": "tiny", "prompt": "1+1=", "max_tokens": MAX_LEN}, "max_tokens"),
-    ({"model": "tiny", "prompt": "1+1=", "n": 5}, "n"),
-    ({"model": "tiny", "prompt": "1+1=", "temperature": -1}, "temperature"),
-    ({"model": "tiny", "prompt": "1+1=", "logprobs": 50}, "logprobs"),
-    ({"model": "tiny", "prompt": "1+1=", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "1+1="}, "model"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"model": "tiny", "prompt": "1+1=", "max_tokens": "many"}, "max_tokens"),
+        ({"model": "tiny", "prompt": 123}, "prompt"),
+        ({"model": "tiny", "prompt": ""}, "prompt"),
+        ({"model": "tiny", "prompt": []}, "prompt"),
+        ({"model": "tiny", "prompt": "1+1=", "max_tokens": MAX_LEN}, "max_tokens"),
+        ({"model": "tiny", "prompt": "1+1=", "n": 5}, "n"),
+        ({"model": "tiny", "prompt": "1+1=", "temperature": -1}, "temperature"),
+        ({"model": "tiny", "prompt": "1+1=", "logprobs": 50}, "logprobs"),
+        ({"model": "tiny", "prompt": "1+1=", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "1+1="}, "model"),
+    ],
+)
 def test_bad_completion_requests(http, body, param):
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 400, r.text
@@ -211,9 +276,14 @@ def test_bad_completion_requests(http, body, param):
 def test_bad_chat_and_json(http, client):
     r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": "hello"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x" * 600}]})
+    r = http.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "x" * 600}]},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    r = http.post(
+        "/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = http.post("/v1/completions", json={"model": "nope", "prompt": "1"})
     assert r.status_code == 404
@@ -238,12 +308,16 @@ def test_auth(server):
     r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(url + "/v1/models").status_code == 401
-    assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer other-key"}).status_code == 200
+    assert (
+        httpx.get(url + "/v1/models", headers={"Authorization": "Bearer other-key"}).status_code
+        == 200
+    )
     assert httpx.get(url + "/health").status_code == 200
 
 
 def test_burst_overload_then_healthy(server, http):
-    """32 requests at once against 8 ongoing + 4 queued: each is answered, 503s carry Retry-After."""
+    """32 requests at once against 8 ongoing + 4 queued: each is answered, 503s carry
+    Retry-After."""
     import httpx
 
     barrier = threading.Barrier(32)
@@ -252,8 +326,11 @@ def test_burst_overload_then_healthy(server, http):
         body = {"model": "tiny", "prompt": f"{i}+{i}=", "max_tokens": 32, "temperature": 0}
         with httpx.Client(timeout=120) as c:
             barrier.wait()
-            return c.post(server["url"] + "/v1/completions", json=body,
-                          headers={"Authorization": f"Bearer {KEY}"})
+            return c.post(
+                server["url"] + "/v1/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {KEY}"},
+            )
 
     with cf.ThreadPoolExecutor(32) as pool:
         rs = list(pool.map(one, range(32), timeout=180))
@@ -267,7 +344,12 @@ def test_burst_overload_then_healthy(server, http):
         else:
             assert r.json()["choices"][0]["text"] is not None
     assert http.get("/health").status_code == 200
-    assert http.post("/v1/completions", json={"model": "tiny", "prompt": "1", "max_tokens": 2}).status_code == 200
+    assert (
+        http.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "1", "max_tokens": 2}
+        ).status_code
+        == 200
+    )
 
 
 def test_metrics(http):

@@ -52,8 +52,13 @@ def _lp(logprob: float, rank: int) -> SimpleNamespace:
 
 def test_dense_keeps_exactly_top_k_by_rank_and_pads_last_position():
     k = 2
-    # position 0 is None (vLLM); position 1: actual token 9 outside the top 2; position 2: actual in top 2
-    positions = [None, {9: _lp(-5.0, 7), 4: _lp(-0.1, 1), 3: _lp(-2.5, 2)}, {5: _lp(-1.0, 2), 6: _lp(-0.5, 1)}]
+    # position 0 is None (vLLM); position 1: actual token 9 outside the top 2;
+    # position 2: actual in top 2
+    positions = [
+        None,
+        {9: _lp(-5.0, 7), 4: _lp(-0.1, 1), 3: _lp(-2.5, 2)},
+        {5: _lp(-1.0, 2), 6: _lp(-0.5, 1)},
+    ]
     ids, lps = convert.dense_from_dicts(positions, 3, k)
     assert ids.tolist() == [[4, 3], [6, 5], [0, 0]]
     np.testing.assert_allclose(lps[:2], [[-0.1, -2.5], [-0.5, -1.0]], rtol=0, atol=1e-6)
@@ -62,15 +67,21 @@ def test_dense_keeps_exactly_top_k_by_rank_and_pads_last_position():
 
 def test_flat_form_drops_the_duplicated_actual_token():
     # vLLM's flat form lists the actual token first, then the top k: token 6 appears twice
-    flat = SimpleNamespace(token_ids=[6, 6, 5, 9, 1, 2], logprobs=[-0.5, -0.5, -1.0, -4.0, -0.2, -0.3],
-                           ranks=[1, 1, 2, 9, 1, 2], start_indices=[0, 0, 3], end_indices=[0, 3, 6])
+    flat = SimpleNamespace(
+        token_ids=[6, 6, 5, 9, 1, 2],
+        logprobs=[-0.5, -0.5, -1.0, -4.0, -0.2, -0.3],
+        ranks=[1, 1, 2, 9, 1, 2],
+        start_indices=[0, 0, 3],
+        end_indices=[0, 3, 6],
+    )
     ids, lps = convert.dense_from_flat(flat, 3, 2)
     assert ids.tolist() == [[6, 5], [1, 2], [0, 0]]
     assert lps[1].tolist() == pytest.approx([-0.2, -0.3])
 
 
 def _random_flat(rng: np.random.Generator, n: int, k: int, vocab: int = 40) -> SimpleNamespace:
-    """A flat form shaped as vLLM builds it: position 0 empty, then the actual token and the top k."""
+    """A flat form shaped as vLLM builds it: position 0 empty, then the actual token and the
+    top k."""
     tok, lp, rank, starts, ends = [], [], [], [0], [0]
     for _ in range(1, n):
         logp = rng.normal(size=vocab)
@@ -81,17 +92,22 @@ def _random_flat(rng: np.random.Generator, n: int, k: int, vocab: int = 40) -> S
         lp += [float(logp[actual]), *logp[top].tolist()]
         rank += [int((logp > logp[actual]).sum()) + 1, *range(1, k + 1)]
         ends.append(len(tok))
-    return SimpleNamespace(token_ids=tok, logprobs=lp, ranks=rank, start_indices=starts, end_indices=ends)
+    return SimpleNamespace(
+        token_ids=tok, logprobs=lp, ranks=rank, start_indices=starts, end_indices=ends
+    )
 
 
 def test_flat_fast_path_equals_the_per_position_path():
-    """The one-reshape path for vLLM's usual layout gives what sorting each position by rank gives."""
+    """The one-reshape path for vLLM's usual layout gives what sorting each position by rank
+    gives."""
     rng = np.random.default_rng(0)
     for n, k in ((2, 1), (17, 4), (60, 16)):
         flat = _random_flat(rng, n, k)
         assert convert._dense_from_full_flat(flat, n, k) is not None
         fast = convert.dense_from_flat(flat, n, k)
-        general = SimpleNamespace(**{**vars(flat), "ranks": [None, *flat.ranks[1:]]})  # a None rank: no fast path
+        general = SimpleNamespace(
+            **{**vars(flat), "ranks": [None, *flat.ranks[1:]]}
+        )  # a None rank: no fast path
         assert convert._dense_from_full_flat(general, n, k) is None
         slow = convert.dense_from_flat(general, n, k)
         assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
@@ -107,7 +123,7 @@ def test_response_mask_ids_and_seeds():
     assert convert.cut_at_stop("12 #### 3", ["####"]) == ("12 ", True)
 
 
-# ----------------------------------------------------------------------------- HF backend, real Ray pool
+# ------------------------------------------------------------------------ HF backend, real Ray pool
 
 
 @pytest.fixture(scope="module")
@@ -158,15 +174,18 @@ def test_round_trip_through_the_trainer_reader(hf_run):
         assert (batch["topk_ids"][i, :n] == ids).all()
         np.testing.assert_array_equal(batch["topk_logprobs"][i, :n], lps)
         assert batch["input_ids"][i, :n].tolist() == table.column("input_ids")[i].as_py()
-        assert batch["loss_mask"][i, n - 1:].sum() == 0  # the last token predicts nothing
+        assert batch["loss_mask"][i, n - 1 :].sum() == 0  # the last token predicts nothing
         assert (batch["topk_logprobs"][i, n:, 1:] == -np.inf).all()  # padding: all mass on slot 0
 
 
 @pytest.mark.slow
-def test_parts_removed_during_a_run_are_not_finalized(tiny_model_dir, world_dir, tmp_path, monkeypatch, ray_session):
+def test_parts_removed_during_a_run_are_not_finalized(
+    tiny_model_dir, world_dir, tmp_path, monkeypatch, ray_session
+):
     """A part deleted from outside while the pool runs (a second run on the same output_dir):
     the stage refuses to finalize a targets folder that lacks rows, and a rerun fills the gap."""
     import raydapt.teach.stage as stage
+
     ray_session()
     write_prepared(tmp_path, tiny_model_dir, world_dir)
     cfg = job(tmp_path, tiny_model_dir, backend="hf")
@@ -189,11 +208,22 @@ def test_parts_removed_during_a_run_are_not_finalized(tiny_model_dir, world_dir,
 def test_hf_generate_is_reproducible_and_aligned(tiny_model_dir, world_dir, tmp_path):
     prepared = write_prepared(tmp_path, tiny_model_dir, world_dir, n_rows=2, n_prompts=3)
     batch = pq.read_table(prepared / "prompts")
-    spec = ActorSpec(model=str(tiny_model_dir), dtype="float32", kind="generate+score", k=K, id_dtype="uint16",
-                     same_tokenizer=True, seed=3, gen=Sampling(n=2, temperature=1.0, max_tokens=6))
+    spec = ActorSpec(
+        model=str(tiny_model_dir),
+        dtype="float32",
+        kind="generate+score",
+        k=K,
+        id_dtype="uint16",
+        same_tokenizer=True,
+        seed=3,
+        gen=Sampling(n=2, temperature=1.0, max_tokens=6),
+    )
     backend = HFBackend(spec)
     a, b = generate_batch(backend, batch, spec), generate_batch(backend, batch, spec)
-    assert a.num_rows == 6 and a.column("response_ids").to_pylist() == b.column("response_ids").to_pylist()
+    assert (
+        a.num_rows == 6
+        and a.column("response_ids").to_pylist() == b.column("response_ids").to_pylist()
+    )
     assert len(set(a.column("id").to_pylist())) == 6
     for r in a.to_pylist():
         assert r["input_ids"] == r["prompt_ids"] + r["response_ids"]
@@ -207,17 +237,29 @@ def other_model(world_dir, tmp_path_factory):
     """A tiny teacher whose tokenizer differs from the student's (trained on other text)."""
     from raydapt.models import init_model
 
-    return init_model("tiny", world_dir / "heldout.jsonl", tmp_path_factory.mktemp("other") / "m", vocab_size=300)
+    return init_model(
+        "tiny", world_dir / "heldout.jsonl", tmp_path_factory.mktemp("other") / "m", vocab_size=300
+    )
 
 
-def test_generate_with_another_tokenizer_retokenizes_for_the_student(tiny_model_dir, other_model, world_dir, tmp_path):
+def test_generate_with_another_tokenizer_retokenizes_for_the_student(
+    tiny_model_dir, other_model, world_dir, tmp_path
+):
     from raydapt.models import load_tokenizer
 
     prepared = write_prepared(tmp_path, tiny_model_dir, world_dir, n_rows=2, n_prompts=2)
     batch = pq.read_table(prepared / "prompts")
     student = load_tokenizer(tiny_model_dir)
-    spec = ActorSpec(model=str(other_model), dtype="float32", kind="generate", k=K, id_dtype="uint16",
-                     same_tokenizer=False, seed=0, gen=Sampling(n=1, temperature=1.0, max_tokens=8))
+    spec = ActorSpec(
+        model=str(other_model),
+        dtype="float32",
+        kind="generate",
+        k=K,
+        id_dtype="uint16",
+        same_tokenizer=False,
+        seed=0,
+        gen=Sampling(n=1, temperature=1.0, max_tokens=8),
+    )
     table = generate_batch(HFBackend(spec), batch, spec, student)
     assert "topk_ids" not in table.column_names and table.num_rows == 2
     for r, p_ids in zip(table.to_pylist(), batch.column("prompt_ids").to_pylist(), strict=True):
@@ -244,7 +286,9 @@ def test_bad_input_battery(hf_run, tiny_model_dir, other_model, world_dir, tmp_p
         run_teach(job(out, other_model))
     empty = tmp_path / "empty"
     prepared = write_prepared(empty, tiny_model_dir, world_dir, n_rows=2, n_prompts=1)
-    pq.write_table(pq.read_table(prepared / "prompts").slice(0, 0), prepared / "prompts" / "part-00000.parquet")
+    pq.write_table(
+        pq.read_table(prepared / "prompts").slice(0, 0), prepared / "prompts" / "part-00000.parquet"
+    )
     with pytest.raises(UserError, match="no prompts"):
         run_teach(job(empty, tiny_model_dir, kind="generate"))
     # the CLI turns it into exit code 2
@@ -253,8 +297,16 @@ def test_bad_input_battery(hf_run, tiny_model_dir, other_model, world_dir, tmp_p
     from raydapt.cli import main
 
     jf = tmp_path / "job.yaml"
-    jf.write_text(yaml.safe_dump({"output_dir": str(out), "teacher": {"path": str(tiny_model_dir)},
-                                  "student": {"path": str(tiny_model_dir)}, "teach": {"max_model_len": 16}}))
+    jf.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(out),
+                "teacher": {"path": str(tiny_model_dir)},
+                "student": {"path": str(tiny_model_dir)},
+                "teach": {"max_model_len": 16},
+            }
+        )
+    )
     assert main(["teach", str(jf)]) == 2
     # rows already done are kept across a failed start
     store = PartStore(layout.targets_dir(cfg))
@@ -264,7 +316,7 @@ def test_bad_input_battery(hf_run, tiny_model_dir, other_model, world_dir, tmp_p
     assert len(store.done_ids()) == 2
 
 
-# ----------------------------------------------------------------------------- real vLLM pools (slow)
+# ------------------------------------------------------------------------- real vLLM pools (slow)
 
 
 def _vllm_score_in_actor(ray, model_dir: Path, seqs: list[np.ndarray]):
@@ -275,7 +327,9 @@ def _vllm_score_in_actor(ray, model_dir: Path, seqs: list[np.ndarray]):
         def score(self, model: str, seqs: list) -> list:
             from raydapt.teach.vllm_backend import VLLMBackend
 
-            return VLLMBackend(ActorSpec(model=model, dtype="float32", max_model_len=256, k=K)).score(seqs)
+            return VLLMBackend(
+                ActorSpec(model=model, dtype="float32", max_model_len=256, k=K)
+            ).score(seqs)
 
     actor = Scorer.remote()
     return actor, actor.score.remote(str(model_dir), seqs)
@@ -297,8 +351,15 @@ def vllm_runs(tmp_path_factory, tiny_model_dir, world_dir, ray_session):
     res["two_cfg"] = job(base / "two", tiny_model_dir, min_actors=2, max_actors=2, batch_size=2)
     res["two"] = run_teach(res["two_cfg"])
     scorer, raw = _vllm_score_in_actor(ray, tiny_model_dir, seqs)
-    res["gen_cfg"] = cfg = job(base / "gen", tiny_model_dir, kind="generate+score", n=2, max_tokens=12, seed=7,
-                               batch_size=1)
+    res["gen_cfg"] = cfg = job(
+        base / "gen",
+        tiny_model_dir,
+        kind="generate+score",
+        n=2,
+        max_tokens=12,
+        seed=7,
+        batch_size=1,
+    )
     os.environ[FAIL_AFTER_ENV] = "1"
     try:
         with pytest.raises(Exception, match="simulated crash"):
@@ -336,7 +397,9 @@ def test_vllm_pool_targets_match_reference_and_lineage(vllm_runs, tiny_model_dir
     ref = hf_reference(tiny_model_dir, rows_of(table))
     for i, (_r_ids, r_lps) in enumerate(ref):
         ids, lps = decode_row_topk(table, i)
-        np.testing.assert_allclose(lps[:-1], r_lps[:-1], atol=4e-3)  # float16 storage: half an ulp at |lp| < 8
+        np.testing.assert_allclose(
+            lps[:-1], r_lps[:-1], atol=4e-3
+        )  # float16 storage: half an ulp at |lp| < 8
 
 
 @pytest.mark.slow

@@ -130,7 +130,7 @@ def test_ce_matches_reference(seed, B, T, V):
 @given(kind=KINDS, tau=TEMPS, beta=BETAS, **shapes)
 def test_full_kd_matches_reference(kind, tau, beta, seed, B, T, V):
     s, t, _, mask = make(seed, B, T, V)
-    got = L.full_kd_loss(s, t, mask, kind, temperature=tau, beta=beta, chunk=2)
+    got = L.full_kd_loss(s, t, mask, L.KD(kind, tau, beta, chunk=2))
     want = ref_full_kd(s.detach(), t, mask, kind, tau, beta)
     assert abs(float(got.detach()) - want) < 1e-8
 
@@ -139,7 +139,7 @@ def test_full_kd_matches_reference(kind, tau, beta, seed, B, T, V):
 @given(kind=KINDS, tau=TEMPS, beta=BETAS, **shapes)
 def test_full_kd_fp32_matches_reference(kind, tau, beta, seed, B, T, V):
     s, t, _, mask = make(seed, B, T, V, dtype=torch.float32)
-    got = L.full_kd_loss(s, t, mask, kind, temperature=tau, beta=beta)
+    got = L.full_kd_loss(s, t, mask, L.KD(kind, tau, beta))
     want = ref_full_kd(s.detach().double(), t.double(), mask, kind, tau, beta)
     assert abs(float(got.detach()) - want) < 1e-4 * max(1.0, abs(want))
 
@@ -149,8 +149,8 @@ def test_full_kd_fp32_matches_reference(kind, tau, beta, seed, B, T, V):
 def test_topk_with_k_equal_v_is_full_kd(kind, tau, beta, seed, B, T, V):
     s, t, _, mask = make(seed, B, T, V)
     ids, lp = topk_of(t, V)
-    got = L.topk_kd_loss(s, ids, lp, mask, kind, temperature=tau, beta=beta, chunk=4)
-    want = L.full_kd_loss(s, t, mask, kind, temperature=tau, beta=beta)
+    got = L.topk_kd_loss(s, ids, lp, mask, L.KD(kind, tau, beta, chunk=4))
+    want = L.full_kd_loss(s, t, mask, L.KD(kind, tau, beta))
     assert abs(float(got.detach()) - float(want.detach())) < 1e-8
     (g1,) = torch.autograd.grad(got, s)
     (g2,) = torch.autograd.grad(want, s)
@@ -166,7 +166,7 @@ def test_topk_matches_k_plus_1_reference(kind, tau, beta, k, n_pad, seed, B, T, 
     if n_pad:  # pad the last slots like a short top-k row: logprob -inf, id -1
         lp[..., k - min(n_pad, k) :] = float("-inf")
         ids[..., k - min(n_pad, k) :] = -1
-    got = L.topk_kd_loss(s, ids, lp, mask, kind, temperature=tau, beta=beta)
+    got = L.topk_kd_loss(s, ids, lp, mask, L.KD(kind, tau, beta))
     want = ref_topk_kd(s.detach(), ids, lp, mask, kind, tau, beta)
     assert abs(float(got.detach()) - want) < 1e-8
     (g,) = torch.autograd.grad(got, s)
@@ -179,8 +179,8 @@ def test_padded_slots_equal_dropped_slots():
     pad_ids = torch.cat([ids, torch.full_like(ids[..., :3], 7)], -1)  # pads reuse a real id
     pad_lp = torch.cat([lp, torch.full_like(lp[..., :3], float("-inf"))], -1)
     for kind in L.KINDS:
-        a = L.topk_kd_loss(s, ids, lp, mask, kind, temperature=2.0)
-        b = L.topk_kd_loss(s, pad_ids, pad_lp, mask, kind, temperature=2.0)
+        a = L.topk_kd_loss(s, ids, lp, mask, L.KD(kind, temperature=2.0))
+        b = L.topk_kd_loss(s, pad_ids, pad_lp, mask, L.KD(kind, temperature=2.0))
         assert torch.allclose(a, b, atol=1e-12), kind
 
 
@@ -190,7 +190,7 @@ def test_all_slots_padded_gives_zero_with_finite_grad():
     lp = torch.full((2, 3, 4), float("-inf"))
     mask = torch.ones(2, 3)
     for kind in L.KINDS:
-        loss = L.topk_kd_loss(s, ids, lp, mask, kind)
+        loss = L.topk_kd_loss(s, ids, lp, mask, L.KD(kind))
         (g,) = torch.autograd.grad(loss, s)
         assert abs(float(loss.detach())) < 1e-12 and torch.isfinite(g).all(), kind
 
@@ -202,18 +202,18 @@ def test_all_slots_padded_gives_zero_with_finite_grad():
 def test_chunked_equals_unchunked_values_and_grads(kind, beta):
     s, t, ids, mask = make(3, 2, 13, 17)
     tk_ids, tk_lp = topk_of(t, 5)
-    ref_full = L.full_kd_loss(s, t, mask, kind, 2.0, beta, chunk=None)
-    ref_topk = L.topk_kd_loss(s, tk_ids, tk_lp, mask, kind, 2.0, beta, chunk=None)
+    ref_full = L.full_kd_loss(s, t, mask, L.KD(kind, 2.0, beta, chunk=None))
+    ref_topk = L.topk_kd_loss(s, tk_ids, tk_lp, mask, L.KD(kind, 2.0, beta, chunk=None))
     (g_full,) = torch.autograd.grad(ref_full, s)
     (g_topk,) = torch.autograd.grad(ref_topk, s)
     for chunk in (1, 3, 4, 5, 13, 64):
-        full = L.full_kd_loss(s, t, mask, kind, 2.0, beta, chunk=chunk)
-        topk = L.topk_kd_loss(s, tk_ids, tk_lp, mask, kind, 2.0, beta, chunk=chunk)
+        full = L.full_kd_loss(s, t, mask, L.KD(kind, 2.0, beta, chunk))
+        topk = L.topk_kd_loss(s, tk_ids, tk_lp, mask, L.KD(kind, 2.0, beta, chunk))
         assert torch.allclose(full, ref_full, atol=1e-12) and torch.allclose(topk, ref_topk)
         assert torch.allclose(torch.autograd.grad(full, s)[0], g_full, atol=1e-12)
         assert torch.allclose(torch.autograd.grad(topk, s)[0], g_topk, atol=1e-12)
         with torch.no_grad():  # the evaluation path, without gradient buffers
-            no_grad = L.full_kd_loss(s, t, mask, kind, 2.0, beta, chunk=chunk)
+            no_grad = L.full_kd_loss(s, t, mask, L.KD(kind, 2.0, beta, chunk))
         assert torch.allclose(no_grad, ref_full, atol=1e-12) and no_grad.grad_fn is None
 
 
@@ -235,16 +235,16 @@ def test_hidden_variants_equal_head_then_loss(chunk):
     tk_ids, tk_lp = topk_of(t_logits, 4)
     pairs = [
         (
-            L.chunked_kd_from_hidden(sh, sw, th, tw, mask, "jsd", 1.5, 0.4, chunk=chunk),
-            L.full_kd_loss(s_logits, t_logits, mask, "jsd", 1.5, 0.4, chunk=None),
+            L.chunked_kd_from_hidden(sh, sw, th, tw, mask, L.KD("jsd", 1.5, 0.4, chunk)),
+            L.full_kd_loss(s_logits, t_logits, mask, L.KD("jsd", 1.5, 0.4, chunk=None)),
         ),
         (L.chunked_ce_from_hidden(sh, sw, ids, mask, chunk=chunk), L.ce_loss(s_logits, ids, mask)),
     ]
     kd, ce = L.chunked_distill_from_hidden(
-        sh, sw, ids, mask, tk_ids, tk_lp, "reverse_kl", 2.0, chunk=chunk
+        sh, sw, ids, mask, tk_ids, tk_lp, L.KD("reverse_kl", 2.0, chunk=chunk)
     )
     pairs += [
-        (kd, L.topk_kd_loss(s_logits, tk_ids, tk_lp, mask, "reverse_kl", 2.0)),
+        (kd, L.topk_kd_loss(s_logits, tk_ids, tk_lp, mask, L.KD("reverse_kl", 2.0))),
         (ce, pairs[1][1]),
     ]
     for got, want in pairs:
@@ -283,10 +283,10 @@ def test_hidden_variant_keeps_no_full_logits_for_backward():
     mask = torch.ones(B, T)
     logits_bytes = B * T * V * 4
     naive = _saved_bytes(
-        lambda: L.full_kd_loss(sh @ sw.T, th @ tw.T, mask, "forward_kl", chunk=None)
+        lambda: L.full_kd_loss(sh @ sw.T, th @ tw.T, mask, L.KD("forward_kl", chunk=None))
     )
     chunked = _saved_bytes(
-        lambda: L.chunked_kd_from_hidden(sh, sw, th, tw, mask, "forward_kl", chunk=8)
+        lambda: L.chunked_kd_from_hidden(sh, sw, th, tw, mask, L.KD("forward_kl", chunk=8))
     )
     assert naive >= 2 * logits_bytes  # the dense graph keeps (B, T, V) tensors
     assert chunked < logits_bytes / 4  # only hidden states, weights and small per-chunk tensors
@@ -303,11 +303,14 @@ def test_all_masked_is_zero_with_grad_fn_and_finite_grads():
     zero = torch.zeros(ids.shape, dtype=torch.uint8)
     results = [
         (L.ce_loss(s_logits, ids, zero), s_logits),
-        (L.full_kd_loss(s_logits, t_logits, zero, "jsd", 2.0), s_logits),
-        (L.topk_kd_loss(s_logits, tk_ids, tk_lp, zero, "reverse_kl", 2.0), s_logits),
+        (L.full_kd_loss(s_logits, t_logits, zero, L.KD("jsd", 2.0)), s_logits),
+        (L.topk_kd_loss(s_logits, tk_ids, tk_lp, zero, L.KD("reverse_kl", 2.0)), s_logits),
         (L.chunked_ce_from_hidden(sh, sw, ids, zero, chunk=3), sh),
-        (L.chunked_kd_from_hidden(sh, sw, th, tw, zero, "forward_kl", chunk=3), sh),
-        *[(x, sh) for x in L.chunked_distill_from_hidden(sh, sw, ids, zero, tk_ids, tk_lp, "jsd")],
+        (L.chunked_kd_from_hidden(sh, sw, th, tw, zero, L.KD("forward_kl", chunk=3)), sh),
+        *[
+            (x, sh)
+            for x in L.chunked_distill_from_hidden(sh, sw, ids, zero, tk_ids, tk_lp, L.KD("jsd"))
+        ],
     ]
     for loss, leaf in results:
         assert float(loss.detach()) == 0.0 and loss.grad_fn is not None
@@ -330,7 +333,7 @@ def test_extreme_tails_give_finite_loss_and_grads(dtype):
     for kind in L.KINDS:
         for tau in (0.5, 1.0, 4.0):
             loss = L.topk_kd_loss(
-                s, ids, lp.half().to(dtype) if dtype != F64 else lp, mask, kind, tau
+                s, ids, lp.half().to(dtype) if dtype != F64 else lp, mask, L.KD(kind, tau)
             )
             (g,) = torch.autograd.grad(loss, s)
             assert torch.isfinite(loss) and torch.isfinite(g).all(), (kind, tau)
@@ -340,7 +343,7 @@ def test_full_kd_with_neg_inf_logits_is_finite():
     s, t, _, mask = make(5, 2, 4, 8)
     t = t.clone()
     t[..., -2:] = float("-inf")  # masked vocab padding in the teacher
-    loss = L.full_kd_loss(s, t, torch.ones(2, 4), "forward_kl")
+    loss = L.full_kd_loss(s, t, torch.ones(2, 4), L.KD("forward_kl"))
     (g,) = torch.autograd.grad(loss, s)
     assert torch.isfinite(loss) and torch.isfinite(g).all()
     want = ref_full_kd(s.detach(), t, torch.ones(2, 4), "forward_kl", 1.0, 0.5)
@@ -369,18 +372,17 @@ def test_distill_loss_mix():
 def test_distill_loss_alpha_ends_with_real_losses():
     s, t, ids, mask = make(6, 2, 6, 9)
     ce = L.ce_loss(s, ids, mask)
-    kd = L.full_kd_loss(s, t, mask, "forward_kl", 2.0)
+    kd = L.full_kd_loss(s, t, mask, L.KD("forward_kl", 2.0))
     assert torch.equal(L.distill_loss(kd, ce, 0.0)[0], ce)
     assert torch.equal(L.distill_loss(kd, ce, 1.0)[0], kd)
 
 
 def test_bad_arguments_raise():
-    s, t, _, mask = make(7, 1, 3, 4)
     with pytest.raises(ValueError, match="kind"):
-        L.full_kd_loss(s, t, mask, "kl")
+        L.KD("kl")
     with pytest.raises(ValueError, match="temperature"):
-        L.full_kd_loss(s, t, mask, "jsd", temperature=0.0)
+        L.KD("jsd", temperature=0.0)
     with pytest.raises(ValueError, match="beta"):
-        L.full_kd_loss(s, t, mask, "jsd", beta=1.5)
+        L.KD("jsd", beta=1.5)
     with pytest.raises(ValueError, match="alpha"):
         L.distill_loss(None, None, alpha=2.0)

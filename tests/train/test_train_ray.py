@@ -57,11 +57,22 @@ def teacher_dir(world_dir, tiny_model_dir, tmp_path_factory):
     from raydapt.train.data import collate
     from raydapt.train.losses import ce_loss
 
-    out = init_model("tiny", world_dir / "train.jsonl", tmp_path_factory.mktemp("teacher") / "m",
-                     seed=1, tokenizer_from=tiny_model_dir)
+    out = init_model(
+        "tiny",
+        world_dir / "train.jsonl",
+        tmp_path_factory.mktemp("teacher") / "m",
+        seed=1,
+        tokenizer_from=tiny_model_dir,
+    )
     model = AutoModelForCausalLM.from_pretrained(out)  # trained a little, so KD has a signal
     rows = train_rows(world_dir, tiny_model_dir)
-    table = pa.table({"id": [r[0] for r in rows], "input_ids": [r[1] for r in rows], "loss_mask": [r[2] for r in rows]})
+    table = pa.table(
+        {
+            "id": [r[0] for r in rows],
+            "input_ids": [r[1] for r in rows],
+            "loss_mask": [r[2] for r in rows],
+        }
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
     for _ in range(25):
@@ -106,10 +117,15 @@ def test_full_lowers_val_loss_and_export_loads(job, tiny_model_dir):
     assert summary["complete"] and (export / "model.safetensors").is_file()
     # the export manifest records the stage fingerprint, which is what run_stage compares
     assert summary["fingerprint"] == train.fingerprint(train.plan(cfg))
-    assert json.loads((export / "manifest.json").read_text())["fingerprint"] == summary["fingerprint"]
+    assert (
+        json.loads((export / "manifest.json").read_text())["fingerprint"] == summary["fingerprint"]
+    )
     # the export is the trained model: its held-out loss is the final val_loss
     model = AutoModelForCausalLM.from_pretrained(export).eval()
-    assert AutoTokenizer.from_pretrained(export).get_vocab() == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
+    assert (
+        AutoTokenizer.from_pretrained(export).get_vocab()
+        == AutoTokenizer.from_pretrained(tiny_model_dir).get_vocab()
+    )
     val = pq.read_table(layout.prepared_dir(cfg) / "validation" / "part-00000.parquet")
     val = val.take(pa.compute.sort_indices(val, [("id", "ascending")]))
     b = collate(val, np.arange(val.num_rows), 0)
@@ -138,8 +154,14 @@ def test_lora_changes_only_adapter(job, tiny_model_dir):
     assert (export / "adapter" / "adapter_config.json").is_file()
     assert (export / "adapter" / "adapter_model.safetensors").is_file()
     merged = load_file(export / "model.safetensors")
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(merged["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"],
+        base["model.layers.0.self_attn.q_proj.weight"],
+    )
+    assert torch.equal(
+        merged["model.layers.0.self_attn.k_proj.weight"],
+        base["model.layers.0.self_attn.k_proj.weight"],
+    )
 
 
 def test_transfer_freezes_exactly(job, tiny_model_dir):
@@ -160,7 +182,14 @@ def test_transfer_freezes_exactly(job, tiny_model_dir):
 def test_transfer_classification_head(job):
     from transformers import AutoModelForSequenceClassification
 
-    cfg = job(mode="transfer", new_head="classification", num_labels=4, freeze_layers=1, max_steps=8, lr=3e-3)
+    cfg = job(
+        mode="transfer",
+        new_head="classification",
+        num_labels=4,
+        freeze_layers=1,
+        max_steps=8,
+        lr=3e-3,
+    )
     run_train(cfg)
     m = train_metrics(cfg)
     vals = [x["val_loss"] for x in m if "val_loss" in x]
@@ -173,8 +202,13 @@ def test_distill_offline_with_reference_targets(job, teacher_dir, rows):
     from raydapt.teach.reference import score_topk
 
     cfg = job(mode="distill", teacher="offline", kd_alpha=0.5, teach_k=8, max_steps=6, lr=3e-3)
-    table = pa.table({"id": [r[0] for r in rows[32:]], "input_ids": [r[1] for r in rows[32:]],
-                      "loss_mask": [r[2] for r in rows[32:]]})
+    table = pa.table(
+        {
+            "id": [r[0] for r in rows[32:]],
+            "input_ids": [r[1] for r in rows[32:]],
+            "loss_mask": [r[2] for r in rows[32:]],
+        }
+    )
     manifest = score_topk(teacher_dir, table, k=8, out=layout.targets_dir(cfg), batch_size=64)
     assert manifest["k"] == 8 and manifest["rows"] == len(rows) - 32
     run_train(cfg)
@@ -191,11 +225,19 @@ def test_distill_offline_sequence_level(job, rows, tiny_model_dir):
 
     cfg = job(mode="distill", teacher="offline", kd_alpha=0.5, max_steps=4, eval_every=4)
     part = rows[32:]
-    table = make_table([r[0] for r in part], [np.array(r[1]) for r in part], [np.array(r[2]) for r in part],
-                       None, None, k=16)
+    table = make_table(
+        [r[0] for r in part],
+        [np.array(r[1]) for r in part],
+        [np.array(r[2]) for r in part],
+        None,
+        None,
+        k=16,
+    )
     store = PartStore(layout.targets_dir(cfg))
     store.write(table)
-    store.finalize({"kind": "generate", "tokenizer_hash": tokenizer_hash(load_tokenizer(tiny_model_dir))})
+    store.finalize(
+        {"kind": "generate", "tokenizer_hash": tokenizer_hash(load_tokenizer(tiny_model_dir))}
+    )
     run_train(cfg)
     m = train_metrics(cfg)
     assert all("kd" not in x and x["loss"] == x["ce"] for x in m)
@@ -203,7 +245,14 @@ def test_distill_offline_sequence_level(job, rows, tiny_model_dir):
 
 
 def test_distill_online(job, teacher_dir):
-    cfg = job(mode="distill", teacher="online", kd_alpha=1.0, kd_loss="jsd", teacher_model={"path": str(teacher_dir)}, max_steps=4)
+    cfg = job(
+        mode="distill",
+        teacher="online",
+        kd_alpha=1.0,
+        kd_loss="jsd",
+        teacher_model={"path": str(teacher_dir)},
+        max_steps=4,
+    )
     run_train(cfg)
     m = train_metrics(cfg)
     assert m[-1]["kd"] < m[0]["kd"] and m[-1]["loss"] == pytest.approx(m[-1]["kd"], abs=1e-6)
@@ -212,7 +261,15 @@ def test_distill_online(job, teacher_dir):
 def test_grad_accum_and_activation_checkpointing_match_one_big_batch(job):
     """batch 4 x grad_accum 2 (recomputing blocks) takes the same steps as batch 8."""
     big = job("big", batch_size=8, max_steps=3, eval_every=0, checkpoint_every=0)
-    acc = job("acc", batch_size=4, grad_accum=2, activation_checkpointing=True, max_steps=3, eval_every=0, checkpoint_every=0)
+    acc = job(
+        "acc",
+        batch_size=4,
+        grad_accum=2,
+        activation_checkpointing=True,
+        max_steps=3,
+        eval_every=0,
+        checkpoint_every=0,
+    )
     run_train(big)
     run_train(acc)
     for x, y in zip(train_metrics(big), train_metrics(acc), strict=True):
@@ -225,7 +282,7 @@ def test_grad_accum_and_activation_checkpointing_match_one_big_batch(job):
 
 def test_resume_local_mode_continues_exactly(job, monkeypatch):
     """Killed after step 5 (checkpoint at 5), rerun: steps 6-10 match a straight run."""
-    kw = dict(max_steps=10, checkpoint_every=5, eval_every=5, log_every=5, lora_dropout=0.0)
+    kw = dict(max_steps=10, checkpoint_every=5, eval_every=5, lora_dropout=0.0)
     straight = job("straight", **kw)
     run_train(straight)
     killed = job("killed", **kw)
@@ -246,7 +303,9 @@ def test_new_data_starts_over_instead_of_resuming(job, rows, tiny_model_dir):
     assert pipeline.run_stage("train", cfg)["skipped"]
     assert run_train(cfg)["start_step"] == 6  # same data: the run resumes, nothing left to train
     shutil.rmtree(layout.prepared_dir(cfg))
-    write_train_prepared(layout.prepared_dir(cfg), tiny_model_dir, rows[:-8])  # other rows: another manifest
+    write_train_prepared(
+        layout.prepared_dir(cfg), tiny_model_dir, rows[:-8]
+    )  # other rows: another manifest
     assert not train.plan(cfg).resume  # the plan starts over (and deletes nothing itself)
     assert (layout.train_dir(cfg) / "checkpoints" / "checkpoint_000006").is_dir()
     again = pipeline.run_stage("train", cfg)
@@ -281,13 +340,17 @@ def test_plan_and_fingerprint(job, tiny_model_dir):
     assert p.train_columns == ("id", "input_ids", "loss_mask") and p.val_files and p.hold is None
 
     def fp(**train_kw) -> str:
-        return train.fingerprint(train.plan(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_kw))))
+        return train.fingerprint(
+            train.plan(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_kw)))
+        )
 
     assert fp() == train.fingerprint(p)
-    assert fp(log_every=1, resume=False) == fp()  # how the run goes, not what it exports
+    assert fp(resume=False) == fp()  # how the run goes, not what it exports
     assert fp(lr=1e-4) != fp() and fp(max_steps=7) != fp()
     mine = train.plan(cfg, train_dir=cfg.out / "elsewhere", export_dir=cfg.out / "x", run_name="r")
-    assert mine.train_dir == (cfg.out / "elsewhere").resolve() and mine.checkpoint_dirs[0].name == "r"
+    assert (
+        mine.train_dir == (cfg.out / "elsewhere").resolve() and mine.checkpoint_dirs[0].name == "r"
+    )
 
 
 def test_objective_and_reported_metrics_follow_the_config(job):
@@ -304,12 +367,20 @@ def test_objective_and_reported_metrics_follow_the_config(job):
     assert type(build_objective(TrainConfig())) is NextToken
     assert type(build_objective(TrainConfig(mode="distill"), has_topk=True)) is TopKDistill
     assert type(build_objective(TrainConfig(mode="distill"))) is NextToken  # generation targets: CE
-    assert type(build_objective(TrainConfig(mode="distill", teacher="online"), torch.nn.Linear(1, 1))) is OnlineDistill
-    assert type(build_objective(TrainConfig(mode="transfer", new_head="classification"))) is Classification
-    tc = TrainConfig(max_steps=11, eval_every=5, checkpoint_every=2, log_every=1)
+    assert (
+        type(build_objective(TrainConfig(mode="distill", teacher="online"), torch.nn.Linear(1, 1)))
+        is OnlineDistill
+    )
+    assert (
+        type(build_objective(TrainConfig(mode="transfer", new_head="classification")))
+        is Classification
+    )
+    tc = TrainConfig(max_steps=11, eval_every=5, checkpoint_every=2)
     assert [s for s in range(1, 12) if is_report_step(s, tc)] == [2, 4, 5, 6, 8, 10, 11]
     assert {"step", "loss", "ce", "val_loss"} <= reported_metrics(train.plan(job("rm")))
-    clf = reported_metrics(train.plan(job("rc", mode="transfer", new_head="classification", num_labels=4)))
+    clf = reported_metrics(
+        train.plan(job("rc", mode="transfer", new_head="classification", num_labels=4))
+    )
     assert {"acc", "val_loss", "val_acc"} <= clf
 
 
@@ -335,8 +406,13 @@ def test_targets_incompatible(job, teacher_dir, rows):
     from raydapt.teach.reference import score_topk
 
     cfg = job(mode="distill", teacher="offline", teach_k=4)
-    table = pa.table({"id": [r[0] for r in rows[:8]], "input_ids": [r[1] for r in rows[:8]],
-                      "loss_mask": [r[2] for r in rows[:8]]})
+    table = pa.table(
+        {
+            "id": [r[0] for r in rows[:8]],
+            "input_ids": [r[1] for r in rows[:8]],
+            "loss_mask": [r[2] for r in rows[:8]],
+        }
+    )
     score_topk(teacher_dir, table, k=8, out=layout.targets_dir(cfg))
     with pytest.raises(UserError, match=r"top-8 but teach.k=4; rerun `raydapt teach JOB`"):
         train.plan(cfg)
@@ -395,7 +471,9 @@ def _parity_worker(rank: int, world: int, model_dir: str, init_file: str, out: s
     from raydapt.train.objective import build_objective
 
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+        )
     torch.use_deterministic_algorithms(True)
     tc = TrainConfig(grad_clip=0.0)
     model = shard_model(build_student(model_dir, tc, seed=0))
@@ -404,8 +482,13 @@ def _parity_worker(rank: int, world: int, model_dir: str, init_file: str, out: s
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
     batch = torch.load(Path(out).parent / "batch.pt")  # global batch (B, T); rank takes its half
     b = {k: v[rank::world] for k, v in batch.items()}
-    m = loop.train_step(model, build_objective(tc), optim, sched, [b], tc, params, torch.device("cpu"))
-    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    m = loop.train_step(
+        model, build_objective(tc), optim, sched, [b], tc, params, torch.device("cpu")
+    )
+    full = {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
     if rank == 0:
         torch.save({"metrics": m, "params": full}, out)
     if world > 1:
@@ -419,12 +502,21 @@ def test_fsdp_two_ranks_match_one_process(tiny_model_dir, rows, tmp_path):
     from raydapt.train.data import collate
     from raydapt.train.modes import load_student
 
-    table = pa.table({"id": [r[0] for r in rows[:8]], "input_ids": [r[1] for r in rows[:8]],
-                      "loss_mask": [r[2] for r in rows[:8]]})
+    table = pa.table(
+        {
+            "id": [r[0] for r in rows[:8]],
+            "input_ids": [r[1] for r in rows[:8]],
+            "loss_mask": [r[2] for r in rows[:8]],
+        }
+    )
     batch = collate(table, np.arange(8), 0)
     batch["loss_mask"][1, 5:] = 0  # uneven token counts across ranks
     torch.save(batch, tmp_path / "batch.pt")
-    mp.spawn(_parity_worker, args=(2, str(tiny_model_dir), str(tmp_path / "pg"), str(tmp_path / "two.pt")), nprocs=2)
+    mp.spawn(
+        _parity_worker,
+        args=(2, str(tiny_model_dir), str(tmp_path / "pg"), str(tmp_path / "two.pt")),
+        nprocs=2,
+    )
     _parity_worker(0, 1, str(tiny_model_dir), "", str(tmp_path / "one.pt"))
     two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
     assert abs(two["metrics"]["loss"] - one["metrics"]["loss"]) < 1e-5

@@ -26,7 +26,7 @@ from raydapt import layout
 
 pytestmark = pytest.mark.slow
 
-KW = dict(max_steps=8, checkpoint_every=4, eval_every=4, log_every=4, batch_size=4, num_workers=2)
+KW = dict(max_steps=8, checkpoint_every=4, eval_every=4, batch_size=4, num_workers=2)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,20 @@ def test_two_workers_match_local_mode_and_export(setup):
     for x, y in zip(a, b, strict=True):
         assert x["tokens"] == y["tokens"]
         assert abs(x["loss"] - y["loss"]) < 1e-4, (x["step"], x["loss"], y["loss"])
-    assert a[-1]["val_loss"] < a[3]["val_loss"] + 1e-6 and abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 1e-4
+    assert (
+        a[-1]["val_loss"] < a[3]["val_loss"] + 1e-6
+        and abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 1e-4
+    )
     ckpt = layout.train_dir(straight) / straight.name / "checkpoint_000008"
     names = {p.name for p in ckpt.iterdir()}
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.json", "rng_0.pt", "rng_1.pt"} <= names
+    assert {
+        "__0_0.distcp",
+        "__1_0.distcp",
+        ".metadata",
+        "meta.json",
+        "rng_0.pt",
+        "rng_1.pt",
+    } <= names
     assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
     assert summary["world_size"] == 2
     model = AutoModelForCausalLM.from_pretrained(summary["export_dir"])

@@ -24,27 +24,53 @@ from raydapt import layout, pipeline
 from raydapt.config import ConfigError, job_from_dict
 from raydapt.errors import UserError
 
-TRAIN = {"max_steps": 20, "eval_every": 5, "checkpoint_every": 2, "log_every": 5, "batch_size": 4,
-         "warmup_steps": 1, "num_workers": 1, "cpus_per_worker": 0.5}
+TRAIN = {
+    "max_steps": 20,
+    "eval_every": 5,
+    "checkpoint_every": 2,
+    "batch_size": 4,
+    "warmup_steps": 1,
+    "num_workers": 1,
+    "cpus_per_worker": 0.5,
+}
 # lr 1e-6 barely moves the loss, so ASHA must stop those trials at the first rung (step 5).
-TUNE = {"search": "grid", "scheduler": "asha", "num_samples": 1, "max_concurrent_trials": 2,
-        "grace_period": 1, "reduction_factor": 2, "space": {"train.lr": {"grid": [1e-2, 3e-3, 1e-6, 1e-6]}}}
+TUNE = {
+    "search": "grid",
+    "scheduler": "asha",
+    "num_samples": 1,
+    "max_concurrent_trials": 2,
+    "grace_period": 1,
+    "reduction_factor": 2,
+    "space": {"train.lr": {"grid": [1e-2, 3e-3, 1e-6, 1e-6]}},
+}
 
 
 def _job(out, **tune) -> dict:
-    return {"output_dir": str(out), "corpus": {"source": "world", "world_train": 300, "world_heldout": 20},
-            "teacher": {"preset": ""}, "student": {"preset": "tiny"}, "prepare": {"seq_len": 128},
-            "train": dict(TRAIN), "tune": {**TUNE, **tune}}
+    return {
+        "output_dir": str(out),
+        "corpus": {"source": "world", "world_train": 300, "world_heldout": 20},
+        "teacher": {"preset": ""},
+        "student": {"preset": "tiny"},
+        "prepare": {"seq_len": 128},
+        "train": dict(TRAIN),
+        "tune": {**TUNE, **tune},
+    }
 
 
 def _snapshot(root: Path, skip: str) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file() and not p.relative_to(root).parts[0] == skip}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and not p.relative_to(root).parts[0] == skip
+    }
 
 
 def _trial_files(tune_dir: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(tune_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in (tune_dir / "trials").rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(tune_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in (tune_dir / "trials").rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +92,17 @@ def sweep(tmp_path_factory, ray_session):
     second = pipeline.run_stage("tune", cfg)
     files_second = _trial_files(layout.tune_dir(cfg))
     third = pipeline.run_stage("tune", cfg)
-    return {"cfg": cfg, "out": out, "before": before, "first": first, "second": second, "third": third,
-            "manifest_first": manifest_first, "files_first": files_first, "files_second": files_second}
+    return {
+        "cfg": cfg,
+        "out": out,
+        "before": before,
+        "first": first,
+        "second": second,
+        "third": third,
+        "manifest_first": manifest_first,
+        "files_first": files_first,
+        "files_second": files_second,
+    }
 
 
 @pytest.mark.slow
@@ -93,7 +128,9 @@ def test_asha_sweep_outputs(sweep):
 
     assert sweep["first"]["failed"] and not sweep["manifest_first"]
     manifest = json.loads((tdir / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["fingerprint"] == raydapt.tune.fingerprint(raydapt.tune.plan(sweep["cfg"]))
+    assert manifest["complete"] and manifest["fingerprint"] == raydapt.tune.fingerprint(
+        raydapt.tune.plan(sweep["cfg"])
+    )
     assert s["fingerprint"] == manifest["fingerprint"] and (tdir / manifest["experiment"]).is_dir()
     assert sweep["third"]["skipped"] and sweep["third"]["best_trial"] == s["best_trial"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,7 +147,10 @@ def test_resume_keeps_finished_trials(sweep):
     assert first["failed"] and len(failed) == 1 and failed[0]["trial"].endswith("_00000")
     resumed = tdir / "trials" / failed[0]["trial"]
     starts = [json.loads(line) for line in (resumed / "starts.jsonl").read_text().splitlines()]
-    assert [s["checkpoint"] for s in starts] == [None, "checkpoint_000004"]  # resumed, not restarted
+    assert [s["checkpoint"] for s in starts] == [
+        None,
+        "checkpoint_000004",
+    ]  # resumed, not restarted
     second = {r["trial"]: r for r in sweep["second"]["rows"]}[failed[0]["trial"]]
     assert second["status"] != "error" and second["steps"] > 4
     if (resumed / "done.json").is_file():  # ASHA may stop it at a later rung instead
@@ -144,8 +184,13 @@ def test_invalid_space_key_cli_exit_2(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(job))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    p = subprocess.run([sys.executable, "-m", "raydapt", "tune", str(path)], capture_output=True, text=True,
-                       env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "raydapt", "tune", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 2, p.stderr
     assert "tune.space.train.lrr" in p.stderr and "lr" in p.stderr
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
@@ -154,20 +199,35 @@ def test_invalid_space_key_cli_exit_2(tmp_path):
 def test_invalid_space_value_named_before_any_trial(tmp_path):
     import raydapt.tune
 
-    cfg = job_from_dict(_job(tmp_path, space={"train.mode": {"choice": ["full", "bogus"]},
-                                              "train.batch_size": {"randint": [0, 4]}}))
+    cfg = job_from_dict(
+        _job(
+            tmp_path,
+            space={
+                "train.mode": {"choice": ["full", "bogus"]},
+                "train.batch_size": {"randint": [0, 4]},
+            },
+        )
+    )
     with pytest.raises(ConfigError) as e:
         raydapt.tune.plan(cfg)  # no prepared data here: the space error must come first
     msg = str(e.value)
-    assert "tune.space.train.mode: value 'bogus'" in msg and "tune.space.train.batch_size: value 0" in msg
+    assert (
+        "tune.space.train.mode: value 'bogus'" in msg
+        and "tune.space.train.batch_size: value 0" in msg
+    )
     assert not layout.tune_dir(cfg).exists()
 
 
 def test_pbt_refuses_shape_keys_clearly(tmp_path):
     import raydapt.tune
 
-    cfg = job_from_dict(_job(tmp_path, scheduler="pbt", space={"train.lora_r": {"choice": [4, 8]},
-                                                               "train.lr": {"loguniform": [1e-4, 1e-2]}}))
+    cfg = job_from_dict(
+        _job(
+            tmp_path,
+            scheduler="pbt",
+            space={"train.lora_r": {"choice": [4, 8]}, "train.lr": {"loguniform": [1e-4, 1e-2]}},
+        )
+    )
     with pytest.raises(ConfigError) as e:
         raydapt.tune.plan(cfg)
     msg = str(e.value)
@@ -184,26 +244,46 @@ def test_pbt_exploit_continues_with_the_new_lr(tmp_path, ray_session):
 
     ray_session()
     # 8 steps, checkpoints every 4: one perturbation (synchronous: both trials pause at step 4)
-    train = {**TRAIN, "max_steps": 8, "eval_every": 4, "checkpoint_every": 4, "log_every": 4, "warmup_steps": 1}
-    job = {**_job(tmp_path, search="grid", scheduler="pbt", num_samples=1,
-                  space={"train.lr": {"grid": [1e-2, 1e-6]}}), "train": train}
+    train = {**TRAIN, "max_steps": 8, "eval_every": 4, "checkpoint_every": 4, "warmup_steps": 1}
+    job = {
+        **_job(
+            tmp_path,
+            search="grid",
+            scheduler="pbt",
+            num_samples=1,
+            space={"train.lr": {"grid": [1e-2, 1e-6]}},
+        ),
+        "train": train,
+    }
     cfg = job_from_dict(job)
     pipeline.run_stage("prepare", cfg)
     s = pipeline.run_stage("tune", cfg)
     tdir = layout.tune_dir(cfg) / "trials"
-    starts = {p.parent.name: [json.loads(x) for x in p.read_text().splitlines()] for p in tdir.glob("*/starts.jsonl")}
+    starts = {
+        p.parent.name: [json.loads(x) for x in p.read_text().splitlines()]
+        for p in tdir.glob("*/starts.jsonl")
+    }
     assert len(starts) == 2, starts
     weak = next(t for t, st in starts.items() if st[0]["lr"] == 1e-6)
     strong = next(t for t in starts if t != weak)
-    exploits = [st for st in starts[weak][1:] if st["checkpoint"] and f"_{strong}_" in st["checkpoint"]]
+    exploits = [
+        st for st in starts[weak][1:] if st["checkpoint"] and f"_{strong}_" in st["checkpoint"]
+    ]
     assert exploits, f"PBT never exploited: {starts}"
     last = exploits[-1]  # metrics.jsonl past a restore point is rewritten by that restart
     restored = json.loads((Path(last["checkpoint"]) / "meta.json").read_text())["step"]
-    assert restored < 8, f"PBT perturbed at the final step (raydapt.tune.pbt.FinalStepPBT): {starts}"
-    metrics = {m["step"]: m for m in map(json.loads, (tdir / weak / "metrics.jsonl").read_text().splitlines())}
+    assert restored < 8, (
+        f"PBT perturbed at the final step (raydapt.tune.pbt.FinalStepPBT): {starts}"
+    )
+    metrics = {
+        m["step"]: m
+        for m in map(json.loads, (tdir / weak / "metrics.jsonl").read_text().splitlines())
+    }
     # the first step after the restore trains with the trial's lr on the schedule, whatever
     # PBT chose (the checkpoint's own scheduler state would give the strong trial's lr)
-    assert metrics[restored + 1]["lr"] == pytest.approx(last["lr"] * lr_factor(restored, cfg.train), rel=1e-6)
+    assert metrics[restored + 1]["lr"] == pytest.approx(
+        last["lr"] * lr_factor(restored, cfg.train), rel=1e-6
+    )
     rows = {r["trial"]: r for r in s["rows"]}
     assert not s["failed"] and rows[weak]["steps"] == 8, rows
     # at lr 1e-6 the weak trial had barely moved by step 4; after the exploit it learned
@@ -215,10 +295,19 @@ def test_space_forms():
 
     from raydapt.tune.space import tune_space
 
-    cfg = job_from_dict(_job("/tmp/x", search="random", space={
-        "train.lr": {"loguniform": [1e-4, 1e-2]}, "train.weight_decay": {"uniform": [0.0, 0.1]},
-        "train.batch_size": {"choice": [2, 4]}, "train.lora_r": {"randint": [4, 9]},
-        "train.seed": {"grid": [0, 1]}}))
+    cfg = job_from_dict(
+        _job(
+            "/tmp/x",
+            search="random",
+            space={
+                "train.lr": {"loguniform": [1e-4, 1e-2]},
+                "train.weight_decay": {"uniform": [0.0, 0.1]},
+                "train.batch_size": {"choice": [2, 4]},
+                "train.lora_r": {"randint": [4, 9]},
+                "train.seed": {"grid": [0, 1]},
+            },
+        )
+    )
     sp = tune_space(cfg.tune)["train"]
     assert isinstance(sp["lr"], tune.search.sample.Float) and sp["lr"].lower == 1e-4
     assert isinstance(sp["lr"].get_sampler(), tune.search.sample.LogUniform)
@@ -226,9 +315,12 @@ def test_space_forms():
     assert isinstance(sp["batch_size"], tune.search.sample.Categorical)
     assert isinstance(sp["lora_r"], tune.search.sample.Integer) and sp["lora_r"].upper == 9
     assert sp["seed"] == {"grid_search": [0, 1]}
-    grid = tune_space(job_from_dict(_job("/tmp/x", search="grid", space={"train.batch_size": {"choice": [2, 4]}})).tune)
+    grid = tune_space(
+        job_from_dict(
+            _job("/tmp/x", search="grid", space={"train.batch_size": {"choice": [2, 4]}})
+        ).tune
+    )
     assert grid["train"]["batch_size"] == {"grid_search": [2, 4]}
-
 
 
 @pytest.mark.slow
@@ -236,9 +328,17 @@ def test_optuna_tpe_sweep(tmp_path, ray_session):
     """A real sweep with Ray's plain OptunaSearch, which reads the metric from every report:
     with checkpoints at other steps than evaluations, each report still carries val_loss."""
     ray_session()
-    train = {**TRAIN, "max_steps": 6, "eval_every": 3, "checkpoint_every": 2, "log_every": 1}
-    job = {**_job(tmp_path, search="optuna", scheduler="fifo", num_samples=2,
-                  space={"train.lr": {"loguniform": [1e-3, 1e-2]}}), "train": train}
+    train = {**TRAIN, "max_steps": 6, "eval_every": 3, "checkpoint_every": 2}
+    job = {
+        **_job(
+            tmp_path,
+            search="optuna",
+            scheduler="fifo",
+            num_samples=2,
+            space={"train.lr": {"loguniform": [1e-3, 1e-2]}},
+        ),
+        "train": train,
+    }
     cfg = job_from_dict(job)
     pipeline.run_stage("prepare", cfg)
     s = pipeline.run_stage("tune", cfg)
@@ -246,7 +346,9 @@ def test_optuna_tpe_sweep(tmp_path, ray_session):
     assert not s["failed"] and len(rows) == 2, rows
     assert all(r["status"] == "done" and r["steps"] == 6 for r in rows), rows
     lrs = [r["train.lr"] for r in rows]
-    assert len(set(lrs)) == 2 and all(1e-3 <= lr <= 1e-2 for lr in lrs)  # sampled by TPE, not a grid
+    assert len(set(lrs)) == 2 and all(
+        1e-3 <= lr <= 1e-2 for lr in lrs
+    )  # sampled by TPE, not a grid
     assert s["best_metric"] == pytest.approx(min(r["val_loss"] for r in rows))
     # the searcher's state (the Optuna study) is saved with the experiment, for resume
     assert list(layout.tune_dir(cfg).glob("sweep-*/searcher-state-*.pkl"))
