@@ -53,7 +53,7 @@ def check_needs(job: JobConfig, names: list[str]) -> None:
                 )
 
 
-def run_stage(name: str, job: JobConfig, **overrides: Any) -> dict:
+def run_stage(name: str, job: JobConfig, /, **overrides: Any) -> dict:
     """Plan and run one stage, unless its output is up to date. Returns its manifest, with
     `skipped: True` when nothing ran."""
     module = stages.get(name).load()

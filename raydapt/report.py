@@ -15,7 +15,7 @@ from typing import Any
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return (f"{v:.4f}".rstrip("0").rstrip(".") or "0") if abs(v) < 1000 else f"{v:,.0f}"
+        return (f"{v:.4f}".rstrip("0").rstrip(".") or "0") if abs(v) < 100 else f"{v:,.0f}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
