@@ -1,7 +1,7 @@
 """The `raydapt` command line: `raydapt <stage> JOB [section.key=value ...]`.
 
     raydapt prepare jobs/demo.yaml prepare.seq_len=128
-    raydapt train jobs/lora.yaml train.lr=3e-4 --address ray://head:10001
+    raydapt train jobs/lora.yaml train.lr=3e-4 --address head:6379   # on a cluster node
     raydapt serve runs/demo/train/final
     raydapt init-model --preset tiny --corpus corpus.jsonl --out models/tiny
     raydapt config jobs/demo.yaml          # print the validated config

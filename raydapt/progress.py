@@ -42,6 +42,7 @@ class Progress:
         self.start = self.done = done
         self.extra: dict[str, Any] = {}
         self.t0 = self.last = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, count) at the first update
         tty = getattr(self.stream, "isatty", lambda: False)()
         self.bar = (
             tqdm(
@@ -60,6 +61,8 @@ class Progress:
     def update(self, n: int = 1, **extra: Any) -> None:
         """`n` more items done; `extra` values (e.g. loss=0.52) are shown beside the count."""
         self.done += n
+        if self.first is None:
+            self.first = (time.monotonic(), self.done)
         self.extra.update(extra)
         if self.bar is not None:
             self.bar.update(n)
@@ -71,9 +74,18 @@ class Progress:
             self.last = now
             self._line()
 
+    def _rate(self) -> float:
+        """Items per second since the first update: start-up before it (an engine loading, a
+        worker group forming) would make every ETA too long."""
+        now = time.monotonic()
+        t, n = self.first or (self.t0, self.start)
+        if now - t <= 0 or self.done - n <= 0:
+            t, n = self.t0, self.start
+        return (self.done - n) / (now - t) if now > t else 0.0
+
     def _line(self, final: bool = False) -> None:
         elapsed = time.monotonic() - self.t0
-        rate = (self.done - self.start) / elapsed if elapsed > 0 else 0.0
+        rate = self._rate()
         of = f"/{self.total}" if self.total else ""
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         eta = ""

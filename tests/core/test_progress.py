@@ -27,3 +27,18 @@ def test_quiet_between_intervals():
             bar.update()
     lines = out.getvalue().splitlines()
     assert lines == [lines[-1]] and lines[0].startswith("[prepare] 100 docs in ")
+
+
+def test_start_up_before_the_first_item_does_not_stretch_the_eta(monkeypatch):
+    import raydapt.progress as progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    bar = Progress("teach", total=100, unit="rows", every_s=0.0, stream=out)
+    now[0] = 100.0
+    bar.update(10)  # the first batch, after a 100 s engine start
+    now[0] = 101.0
+    bar.update(10)  # 10 rows per second from here on
+    line = out.getvalue().splitlines()[-1]
+    assert "10.0 rows/s" in line and "eta 8s" in line, line
