@@ -18,11 +18,14 @@ from raydapt.pipeline import run_stage
 
 
 def eval_job(tmp_path, **eval_keys):
-    return job_from_dict({
-        "name": "e", "output_dir": str(tmp_path / "out"),
-        "corpus": {"world_train": 40, "world_heldout": 30, "world_markov_docs": 6},
-        "eval": {"max_problems": 6, "max_new_tokens": 12, "batch_size": 4, **eval_keys},
-    })
+    return job_from_dict(
+        {
+            "name": "e",
+            "output_dir": str(tmp_path / "out"),
+            "corpus": {"world_train": 40, "world_heldout": 30, "world_markov_docs": 6},
+            "eval": {"max_problems": 6, "max_new_tokens": 12, "batch_size": 4, **eval_keys},
+        }
+    )
 
 
 def test_token_loss_matches_a_naive_reference(tiny_model_dir):
@@ -59,8 +62,9 @@ def test_eval_writes_a_record_and_skips_when_up_to_date(tmp_path, tiny_model_dir
     again = run_stage("eval", job, model_dir=tiny_model_dir, name="tiny")
     assert again["skipped"] is True and again["heldout_loss"] == saved["heldout_loss"]
     assert "[eval] up to date" in capsys.readouterr().out
-    changed = run_stage("eval", eval_job(tmp_path, max_problems=4), model_dir=tiny_model_dir,
-                        name="tiny")
+    changed = run_stage(
+        "eval", eval_job(tmp_path, max_problems=4), model_dir=tiny_model_dir, name="tiny"
+    )
     assert "skipped" not in changed and changed["problems"] == 4
 
 
