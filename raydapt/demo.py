@@ -17,10 +17,13 @@ Every number printed is measured here on held-out data.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,62 +76,86 @@ def _ask(url: str, model: str) -> str:
     return r.choices[0].message.content
 
 
+@dataclass
+class _Clock:
+    """Seconds per demo step, for timings.json and bench/pipeline.py."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t, 1)
+
+    def stages(self, job: JobConfig, names: list[str], prefix: str = "") -> None:
+        """Run `names` of `job` through the pipeline, recording each stage's seconds."""
+        for s in run_stages(dataclasses.replace(job, stages=names), quiet=True)["stages"]:
+            self.timings[(prefix + s["stage"]).replace("kd teach", "teach")] = s["seconds"]
+            if s["stage"] == "teach" and "pool" in s["result"]:  # computed, not up to date
+                keys = ("seconds", "pool", "computed_rows")
+                self.timings["teach_pool"] = {k: s["result"].get(k) for k in keys}
+
+
 def run_demo(cfg: JobConfig) -> dict:
-    t0 = time.perf_counter()
-    timings: dict[str, Any] = {}
-
-    def stages(c: JobConfig, names: list[str], prefix: str = "") -> None:
-        for s in run_stages(dataclasses.replace(c, stages=names), quiet=True)["stages"]:
-            timings[prefix + s["stage"]] = s["seconds"]
-            if s["stage"] == "teach" and s["result"]:
-                timings["teach_pool"] = {
-                    k: s["result"].get(k) for k in ("seconds", "pool", "computed_rows")
-                }
-
+    """The six steps; returns the table rows, the report path and the timings."""
+    clock = _Clock()
     step(1, "prepare the world corpus (Ray Data)")
-    stages(cfg, ["prepare"])
+    clock.stages(cfg, ["prepare"])
     step(2, f"train the `{cfg.teacher.preset}` teacher (cached after the first run)")
-    t = time.perf_counter()
-    teacher_dir = _teacher(cfg)
-    timings["teacher train"] = round(time.perf_counter() - t, 1)
+    with clock.timed("teacher train"):
+        teacher_dir = _teacher(cfg)
     cfg = dataclasses.replace(
         cfg, teacher=dataclasses.replace(cfg.teacher, path=str(teacher_dir), preset="")
     )
     step(3, f"score the corpus with the vLLM teacher pool (top-{cfg.teach.k}), distill the student")
-    stages(cfg, ["teach", "train"], "kd ")
+    clock.stages(cfg, ["teach", "train"], "kd ")
     step(4, "train the same student with cross-entropy alone, for comparison")
     ce = derived(cfg, "ce", train={"mode": "full"})
-    stages(ce, ["train"], "ce ")
+    clock.stages(ce, ["train"], "ce ")
     step(5, "evaluate the teacher and both students on held-out problems")
-    timings["teach"] = timings.pop("kd teach")
-    rows = []
-    t = time.perf_counter()
-    for name, c, model in (
-        ("teacher", cfg, teacher_dir),
-        ("kd student", cfg, layout.export_dir(cfg)),
-        ("ce student", ce, layout.export_dir(ce)),
-    ):
-        m = run_stage("eval", c, model_dir=model, name=name.replace(" ", "_"))
-        rows.append({**m, "model": name})
-    timings["eval"] = round(time.perf_counter() - t, 1)
+    models = {
+        "teacher": (cfg, teacher_dir),
+        "kd student": (cfg, layout.export_dir(cfg)),
+        "ce student": (ce, layout.export_dir(ce)),
+    }
+    with clock.timed("eval"):
+        rows = [
+            {**run_stage("eval", job, model_dir=model, name=name.replace(" ", "_")), "model": name}
+            for name, (job, model) in models.items()
+        ]
+    url = answer = None
+    if "serve" in cfg.stages:
+        step(6, "serve the KD student over HTTP and ask it one question")
+        with clock.timed("serve + ask"):
+            url, answer = _serve_and_ask(cfg)
+    curves = {
+        name: report.read_metrics(layout.train_dir(job) / "metrics.jsonl")
+        for name, (job, _) in models.items()
+        if name != "teacher"
+    }
+    curves = {"teacher": report.read_metrics(teacher_dir.parent / "metrics.jsonl"), **curves}
+    return _finish(cfg, clock, rows, curves, url, answer)
+
+
+def _finish(
+    cfg: JobConfig,
+    clock: _Clock,
+    rows: list[dict],
+    curves: dict[str, list[dict]],
+    url: str | None,
+    answer: str | None,
+) -> dict:
+    """Write the report and timings, then print the table and the served answer last."""
     cols = ["model", "heldout_loss", "markov_loss", "exact_match", "params", "decode_tokens_per_s"]
     text = report.table(rows, cols)
     floor = rows[0].get("markov_entropy_floor")
-    answer = None
-    if "serve" in cfg.stages:
-        step(6, "serve the KD student over HTTP and ask it one question")
-        t = time.perf_counter()
-        url, answer = _serve_and_ask(cfg)
-        timings["serve + ask"] = round(time.perf_counter() - t, 1)
     images = [
         p
         for p in (
             report.plot_curves(
-                {
-                    "teacher": report.read_metrics(teacher_dir.parent / "metrics.jsonl"),
-                    "kd student": report.read_metrics(layout.train_dir(cfg) / "metrics.jsonl"),
-                    "ce student": report.read_metrics(layout.train_dir(ce) / "metrics.jsonl"),
-                },
+                curves,
                 "ce",
                 cfg.out / "loss_curves.png",
                 "training cross-entropy on the data (the KD loss adds its KL term)",
@@ -143,25 +170,25 @@ def run_demo(cfg: JobConfig) -> dict:
         )
         if p
     ]
+    clock.timings["total"] = round(time.perf_counter() - clock.t0, 1)
     notes = [
         f"Markov entropy floor: {floor:.4f} nats/token." if floor else "",
-        f"Served KD student answered `add 123 456` with: {answer!r}" if answer is not None else "",
-        f"Wall time {time.perf_counter() - t0:.0f} s.",
+        f"Served KD student answered `add 123 456` with: {answer!r}" if answer else "",
+        f"Wall time {clock.timings['total']:.0f} s.",
     ]
-    timings["total"] = round(time.perf_counter() - t0, 1)
-    write_json_atomic(cfg.out / "timings.json", timings)
+    write_json_atomic(cfg.out / "timings.json", clock.timings)
     path = report.write_report(cfg.out, "raydapt demo", text, images, [n for n in notes if n])
-    print(f"\n[demo] done in {timings['total']:.0f} s; report with loss curves: {path}")
+    print(f"\n[demo] done in {clock.timings['total']:.0f} s; report with loss curves: {path}")
     print("\nheld-out problems and Markov text (lower loss is better; exact_match is greedy):")
     print(text)
     if floor:
         print(
-            "markov_loss floor (the true entropy rate of the world's language): "
+            f"markov_loss floor (the true entropy rate of the world's language): "
             f"{floor:.4f} nats/token"
         )
     if answer is not None:
         print(f"served KD student at {url}: `add 123 456` -> {answer!r}")
-    return {"rows": rows, "report": str(path), "timings": timings}
+    return {"rows": rows, "report": str(path), "timings": clock.timings}
 
 
 def _serve_and_ask(cfg: JobConfig) -> tuple[str, str]:
