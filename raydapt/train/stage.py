@@ -359,10 +359,17 @@ def run(p: TrainPlan) -> dict[str, Any]:
     tc = p.job.train
     val = f", val_loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
     print(
-        f"train: {tc.mode} {metrics.get('step', '?')}/{tc.max_steps} steps, loss "
+        f"[train] {tc.mode} {metrics.get('step', '?')}/{tc.max_steps} steps, loss "
         f"{metrics.get('loss', float('nan')):.4f}{val}; export -> {p.output}",
         flush=True,
     )
+    if rv.get("start_step") == tc.max_steps:  # resumed at the end: a changed lr trained nothing
+        print(
+            f"[train] resumed from a checkpoint at step {tc.max_steps} = train.max_steps, so "
+            "nothing was trained and the export is that checkpoint's model; set "
+            "train.resume=false to train again from scratch, or raise train.max_steps",
+            flush=True,
+        )
     return {
         **manifest,
         "metrics": metrics,

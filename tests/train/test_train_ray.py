@@ -294,7 +294,7 @@ def test_resume_local_mode_continues_exactly(job, monkeypatch):
     assert_resumed_exactly(straight, killed, 5, 10, run_train(killed))
 
 
-def test_new_data_starts_over_instead_of_resuming(job, rows, tiny_model_dir):
+def test_new_data_starts_over_instead_of_resuming(job, rows, tiny_model_dir, capsys):
     """As a user runs it: an up-to-date train stage is skipped; after the prepared data (or the
     teacher targets) changed, it runs again from step 0 instead of exporting the old model.
     The parts: a rerun on the same data resumes at the last checkpoint."""
@@ -302,6 +302,7 @@ def test_new_data_starts_over_instead_of_resuming(job, rows, tiny_model_dir):
     assert pipeline.run_stage("train", cfg)["start_step"] == 0
     assert pipeline.run_stage("train", cfg)["skipped"]
     assert run_train(cfg)["start_step"] == 6  # same data: the run resumes, nothing left to train
+    assert "nothing was trained" in capsys.readouterr().out  # and says so, naming train.resume
     shutil.rmtree(layout.prepared_dir(cfg))
     write_train_prepared(
         layout.prepared_dir(cfg), tiny_model_dir, rows[:-8]
