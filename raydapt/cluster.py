@@ -22,8 +22,6 @@ from urllib.parse import urlparse
 from raydapt.config import ClusterConfig
 from raydapt.errors import UserError
 
-log = logging.getLogger(__name__)
-
 RUNTIME_ENV_VARS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
@@ -160,7 +158,6 @@ def _check_auth(address: str, timeout_s: float = 5.0) -> None:
 def quiet_worker() -> None:
     """Runs in every Ray worker: drop a per-second warning from Ray internals that would
     bury raydapt's own progress lines on the console."""
-    import logging
 
     # Train V2's placement-group cleaner polls the State API, which needs the dashboard that
     # a local cluster here does not start; its cleanup on a crashed controller is all it loses.
@@ -188,7 +185,7 @@ def connect(cfg: ClusterConfig | None = None, address: str | None = None, verbos
     if address:
         _reachable(address, cfg.connect_timeout_s)
         _check_auth(address)
-        log.info("connecting to Ray at %s", address)
+        print(f"[raydapt] connecting to Ray at {address}", flush=True)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except Exception as e:
@@ -207,7 +204,7 @@ def connect(cfg: ClusterConfig | None = None, address: str | None = None, verbos
                 ) from None
             raise
     else:
-        log.info("starting a local Ray cluster with %d logical CPUs", cfg.num_cpus)
+        print(f"[raydapt] starting a local Ray cluster, {cfg.num_cpus} logical CPUs", flush=True)
         ray.init(
             address="local",  # never attach to a stray `ray start` cluster by accident
             num_cpus=cfg.num_cpus,
