@@ -3,7 +3,8 @@
 One hop per request (Serve proxy -> replica): the replica parses and validates the OpenAI
 request, tokenises it (so length errors are 400s that name the field), picks the base model
 or a LoRA adapter from the body's `model`, and streams the engine's outputs back as JSON or
-SSE. Auth, request counting and latency are a small ASGI middleware in front of the routes.
+SSE. Auth, request counting and latency are a small ASGI middleware in front of the routes
+(middleware.py).
 Overload is Serve's: `max_ongoing_requests` per replica, then `max_queued_requests` at the
 proxy, then 503 with `Retry-After` (`BackpressureConfig`).
 
@@ -15,20 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
@@ -36,67 +30,11 @@ from raydapt.config import JobConfig, load_job
 from raydapt.errors import UserError
 from raydapt.models import load_tokenizer
 from raydapt.serve import protocol as P
-from raydapt.serve.auth import authorized
 from raydapt.serve.lora import AdapterLoader
+from raydapt.serve.middleware import KEY_DIGESTS, REGISTRY, TOKENS, Middleware
 from raydapt.serve.spec import ReplicaSpec, build_spec, replica_env
 
 log = logging.getLogger(__name__)
-
-REGISTRY = CollectorRegistry()  # one per replica process
-REQUESTS = Counter(
-    "raydapt_requests",
-    "HTTP requests by route and status code",
-    ["route", "status"],
-    registry=REGISTRY,
-)
-LATENCY = Histogram(
-    "raydapt_request_latency_seconds",
-    "Time to the end of the response body",
-    ["route"],
-    registry=REGISTRY,
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
-TOKENS = Counter("raydapt_tokens", "Prompt and generated tokens", ["kind"], registry=REGISTRY)
-_KEY_DIGESTS: list[str] = []  # set in the replica's __init__
-_OPEN_ROUTES = ("/health",)
-_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
-
-
-class Middleware:
-    """Pure ASGI: 401 without a valid key, then count status and time the whole body."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, t0, status = scope["path"], time.perf_counter(), [500]
-        # a fixed label set: unknown paths must not grow the metrics without bound
-        route = path if path in _ROUTES else "other"
-        if path not in _OPEN_ROUTES:
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not authorized(auth, _KEY_DIGESTS):
-                err = P.APIError(
-                    401,
-                    "missing or invalid API key: send `Authorization: Bearer <key>`",
-                    type="authentication_error",
-                )
-                resp = JSONResponse(err.body(), status_code=401)
-                REQUESTS.labels(route, "401").inc()
-                return await resp(scope, receive, send)
-
-        async def send_and_record(msg: dict) -> None:
-            if msg["type"] == "http.response.start":
-                status[0] = msg["status"]
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            REQUESTS.labels(route, str(status[0])).inc()
-            LATENCY.labels(route).observe(time.perf_counter() - t0)
-
 
 api = FastAPI(title="raydapt", docs_url=None, redoc_url=None)
 api.add_middleware(Middleware)
@@ -152,8 +90,8 @@ class OpenAIServer:
     """One replica: engine, tokenizer, adapter loader. `spec` comes from `build_app`.
 
     Kept importable by name (the Serve ingress wrapper below is not), so Ray pickles it by
-    reference and its methods share this module's globals (metrics, key digests) with the
-    middleware.
+    reference and its methods share the replica process's metrics and key digests
+    (raydapt.serve.middleware) with the middleware.
     """
 
     def __init__(self, spec: ReplicaSpec):
@@ -161,8 +99,7 @@ class OpenAIServer:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        global _KEY_DIGESTS
-        _KEY_DIGESTS = list(spec.key_digests)
+        KEY_DIGESTS[:] = spec.key_digests
         self.spec = spec
         self.name = spec.name
         # OPENAI_API_SERVER: the batch defaults (max_num_seqs, batched tokens) of `vllm serve`
