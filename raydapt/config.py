@@ -11,7 +11,6 @@ keys, wrong types and invalid combinations are all collected and raised together
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import types
 import typing
@@ -21,10 +20,10 @@ from typing import Any
 
 import yaml
 
+from raydapt.checks import closest, validate
 from raydapt.errors import UserError
 from raydapt.stage import BY_NAME
 from raydapt.stage import NAMES as STAGES
-from raydapt.world import TASKS
 
 
 class ConfigError(UserError):
@@ -303,52 +302,6 @@ class JobConfig:
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig)}
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "corpus.source": ("world", "files"),
-    "corpus.format": ("auto", "jsonl", "parquet", "txt"),
-    "prepare.chat_template": ("auto", "always", "never"),
-    "teach.kind": ("score", "generate", "generate+score"),
-    "teach.backend": ("vllm", "hf"),
-    "teach.split": ("train", "validation", "all"),
-    "train.mode": ("full", "lora", "transfer", "distill"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.schedule": ("cosine", "linear", "constant"),
-    "train.teacher": ("offline", "online"),
-    "train.kd_loss": ("forward_kl", "reverse_kl", "jsd"),
-    "train.new_head": ("", "classification"),
-    "train.placement_strategy": ("PACK", "SPREAD"),
-    "serve.proxy_location": ("EveryNode", "HeadOnly"),
-    "tune.search": ("random", "grid", "optuna"),
-    "tune.scheduler": ("fifo", "asha", "pbt"),
-    "tune.mode": ("min", "max"),
-    "teacher.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "student.dtype": ("auto", "float32", "bfloat16", "float16"),
-}
-
-_POSITIVE = (
-    "prepare.seq_len",
-    "prepare.rows_per_shard",
-    "teach.k",
-    "teach.batch_size",
-    "teach.n",
-    "teach.max_tokens",
-    "teach.min_actors",
-    "teach.tensor_parallel_size",
-    "train.batch_size",
-    "train.grad_accum",
-    "train.max_steps",
-    "train.lora_r",
-    "train.kd_chunk",
-    "tune.num_samples",
-    "tune.max_concurrent_trials",
-    "eval.batch_size",
-    "eval.max_new_tokens",
-    "serve.min_replicas",
-    "serve.max_ongoing_requests",
-    "serve.max_n",
-    "cluster.num_cpus",
-)
-
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
@@ -405,7 +358,7 @@ def _build_section(cls: type, data: Any, section: str, problems: list[str]) -> A
             problems.append(f"{section}.{key}: removed; use {REMOVED[f'{section}.{key}']}")
             continue
         if key not in known:
-            hint = _closest(key, known)
+            hint = closest(key, known)
             problems.append(f"{section}.{key}: unknown key{hint}")
             continue
         tp = _resolve_type(known[key].type)
@@ -413,11 +366,6 @@ def _build_section(cls: type, data: Any, section: str, problems: list[str]) -> A
         if coerced is not None:
             kwargs[key] = coerced
     return cls(**kwargs)
-
-
-def _closest(key: str, known: dict) -> str:
-    match = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean `{match[0]}`?)" if match else f" (known: {', '.join(known)})"
 
 
 def job_from_dict(data: dict, source: str = "<job>") -> JobConfig:
@@ -430,7 +378,7 @@ def job_from_dict(data: dict, source: str = "<job>") -> JobConfig:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in _SECTIONS:
-            problems.append(f"{key}: unknown section{_closest(key, _SECTIONS)}")
+            problems.append(f"{key}: unknown section{closest(key, _SECTIONS)}")
             continue
         tp = _SECTIONS[key]
         tp = _resolve_type(tp)
@@ -446,89 +394,6 @@ def job_from_dict(data: dict, source: str = "<job>") -> JobConfig:
     if problems:
         raise ConfigError(problems, source)
     return cfg
-
-
-def validate(cfg: JobConfig) -> list[str]:
-    """Cross-field checks. Returns problems instead of raising so callers collect them all."""
-    p: list[str] = []
-    for dotted, choices in _CHOICES.items():
-        v = get_dotted(cfg, dotted)
-        if v not in choices:
-            p.append(f"{dotted}: {v!r} is not one of {', '.join(map(repr, choices))}")
-    for dotted in _POSITIVE:
-        v = get_dotted(cfg, dotted)
-        if not (isinstance(v, (int, float)) and v > 0):
-            p.append(f"{dotted}: must be > 0, got {v!r}")
-    for s in cfg.stages:
-        if s not in STAGES:
-            p.append(f"stages: {s!r} is not a stage; choose from {', '.join(STAGES)}")
-    if not 0.0 <= cfg.prepare.val_fraction < 1.0:
-        p.append(f"prepare.val_fraction: must be in [0, 1), got {cfg.prepare.val_fraction}")
-    if cfg.corpus.source == "files" and not cfg.corpus.paths:
-        p.append("corpus.paths: corpus.source is `files` but no paths are given")
-    unknown_tasks = set(cfg.corpus.world_tasks) - set(TASKS)
-    if cfg.corpus.source == "world" and unknown_tasks:
-        p.append(f"corpus.world_tasks: unknown {sorted(unknown_tasks)}; known {list(TASKS)}")
-    if cfg.teach.max_actors < cfg.teach.min_actors:
-        p.append("teach.max_actors: must be >= teach.min_actors")
-    if cfg.serve.max_replicas < cfg.serve.min_replicas:
-        p.append("serve.max_replicas: must be >= serve.min_replicas")
-    if not 0.0 <= cfg.train.kd_alpha <= 1.0:
-        p.append(f"train.kd_alpha: must be in [0, 1], got {cfg.train.kd_alpha}")
-    if not 0.0 <= cfg.train.jsd_beta <= 1.0:  # the losses' range: 0 is forward KL, 1 reverse KL
-        p.append(f"train.jsd_beta: must be in [0, 1], got {cfg.train.jsd_beta}")
-    if cfg.train.kd_temperature <= 0:
-        p.append(f"train.kd_temperature: must be > 0, got {cfg.train.kd_temperature}")
-    if cfg.train.lr <= 0:
-        p.append(f"train.lr: must be > 0, got {cfg.train.lr}")
-    if cfg.train.num_workers < 0:
-        p.append(f"train.num_workers: must be >= 0, got {cfg.train.num_workers}")
-    if cfg.train.mode == "lora" and not cfg.train.lora_targets:
-        p.append("train.lora_targets: lora mode needs at least one target module")
-    if cfg.train.mode == "transfer" and cfg.train.freeze_layers < 0:
-        p.append("train.freeze_layers: must be >= 0")
-    for key, spec in cfg.tune.space.items():
-        p += _validate_space_entry(key, spec)
-    return p
-
-
-_SPACE_FORMS = ("loguniform", "uniform", "choice", "randint", "grid")
-
-
-def _validate_space_entry(key: str, spec: Any) -> list[str]:
-    where = f"tune.space.{key}"
-    if not key.startswith("train."):
-        return [f"{where}: only train.* keys can be searched"]
-    name = key.split(".", 1)[1]
-    if name not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return [
-            f"{where}: train has no key `{name}`"
-            f"{_closest(name, {f.name: 1 for f in dataclasses.fields(TrainConfig)})}"
-        ]
-    if not isinstance(spec, dict) or len(spec) != 1:
-        return [f"{where}: expected one of {{{'|'.join(_SPACE_FORMS)}: ...}}, got {spec!r}"]
-    ((form, args),) = spec.items()
-    if form not in _SPACE_FORMS:
-        return [f"{where}: unknown form `{form}`; use one of {', '.join(_SPACE_FORMS)}"]
-    if not isinstance(args, list) or not args:
-        return [f"{where}.{form}: expected a non-empty list, got {args!r}"]
-    if form in ("loguniform", "uniform", "randint"):
-        if (
-            len(args) != 2
-            or not all(isinstance(a, (int, float)) for a in args)
-            or args[0] >= args[1]
-        ):
-            return [f"{where}.{form}: expected [low, high] with low < high, got {args!r}"]
-        if form == "loguniform" and args[0] <= 0:
-            return [f"{where}.loguniform: bounds must be > 0, got {args!r}"]
-    return []
-
-
-def get_dotted(cfg: Any, dotted: str) -> Any:
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def parse_override(text: str) -> tuple[str, Any]:
