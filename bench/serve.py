@@ -6,6 +6,14 @@ measured in alternating rounds, so drifting background load hits them alike; an 
 costs next to nothing. Prints requests/s and p50/p99 latency per concurrency and the ratios
 raydapt/raw. Goals: throughput >= 0.9x raw, p99 <= 1.2x raw. Loopback only.
 
+Like with like: the raw server gets the engine arguments of the replica's own spec
+(`raydapt.serve.spec.build_spec`: dtype through `engine_dtype`, enforce_eager, max_model_len,
+max_logprobs, log stats off) as its flags, and the environment a replica sees (probed from a
+Ray actor with the replica's CPUs and `replica_env`: in-process worker or not, KV cache,
+reserved CPUs, OMP threads) as its env vars. Those are passed to the raw server's process
+only; the Ray cluster starts first, from this process's unchanged env. The settings of both
+sides are printed and recorded in the JSON.
+
     .venv/bin/python bench/serve.py                  # about 5 minutes on 2 cores
     .venv/bin/python bench/serve.py --requests 1 --max-tokens 16 --out runs/serve_bench.json
 """
@@ -26,7 +34,6 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Ray starts its workers (Serve's proxy, the replica and its vLLM processes) at nice 15; the raw
 # server would run at nice 0. On a shared, loaded machine that alone halves our CPU share, so
 # the bench's local cluster runs workers at the raw server's priority. Override to compare.
@@ -158,46 +165,14 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float = 300) 
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
-def start_raw(model: Path, args: argparse.Namespace) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--served-model-name",
-        NAME,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enforce-eager",
-        "--dtype",
-        args.dtype,
-        "--max-model-len",
-        str(MAX_LEN),
-        "--disable-log-stats",
-    ]
-    log = open(args.log_dir / "raw_vllm.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return f"http://127.0.0.1:{port}", proc
+# what a replica's environment may hold that changes how its engine runs
+ENGINE_ENV_PREFIXES = ("VLLM_", "OMP_", "KMP_", "MKL_", "GOMP_")
 
 
-def stop_raw(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def start_raydapt(model: Path, args: argparse.Namespace) -> str:
-    from raydapt.cluster import connect
+def job(args: argparse.Namespace):
     from raydapt.config import job_from_dict
-    from raydapt.pipeline import run_stage
 
-    cfg = job_from_dict(
+    return job_from_dict(
         {
             "name": "bench",
             "serve": {
@@ -213,7 +188,118 @@ def start_raydapt(model: Path, args: argparse.Namespace) -> str:
             "cluster": {"num_cpus": 8},
         }
     )
-    connect(cfg.cluster)
+
+
+def probe_replica_env(cfg) -> dict:
+    """What a Ray actor with the replica's CPUs and env vars sees (engine env vars, threads).
+
+    Ray sets OMP_NUM_THREADS to an actor's whole CPUs, and the replica's engine-core process
+    inherits it; the raw server must get the same.
+    """
+    import ray
+
+    from raydapt.serve.spec import replica_env
+
+    s = cfg.serve
+
+    @ray.remote(
+        num_cpus=s.cpus_per_replica,
+        num_gpus=s.gpus_per_replica,
+        runtime_env={"env_vars": replica_env(cfg)},
+    )
+    class Probe:
+        def env(self) -> dict:
+            import torch
+
+            seen = {k: v for k, v in os.environ.items() if k.startswith(ENGINE_ENV_PREFIXES)}
+            return {"env": seen, "torch_threads": torch.get_num_threads()}
+
+    a = Probe.remote()
+    try:
+        return ray.get(a.env.remote())
+    finally:
+        ray.kill(a)
+
+
+def engine_flags(engine: dict) -> list[str]:
+    """A replica's AsyncEngineArgs keyword arguments as `vllm serve` flags."""
+    flags = []
+    for k, v in engine.items():
+        if k == "model" or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        flags += [flag] if v is True else [flag, str(v)]
+    return flags
+
+
+def settings(engine: dict, env: dict[str, str], threads: int, what: str) -> dict:
+    multiproc = env.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0"
+    return {
+        "process": what,
+        "dtype": engine.get("dtype"),
+        "worker": "in engine-core process" if not multiproc else "own process",
+        "enforce_eager": bool(engine.get("enforce_eager")),
+        "max_model_len": engine.get("max_model_len"),
+        "max_logprobs": engine.get("max_logprobs"),
+        "kv_cache_gib": env.get("VLLM_CPU_KVCACHE_SPACE", "vLLM default"),
+        "reserved_cpus": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM default"),
+        "omp_threads": threads,
+        "engine": engine,
+        "env": dict(sorted(env.items())),
+    }
+
+
+def describe(s: dict) -> str:
+    return (
+        f"{s['process']}: {s['dtype']}, worker {s['worker']}, "
+        f"{'eager' if s['enforce_eager'] else 'compiled'}, max_model_len {s['max_model_len']}, "
+        f"max_logprobs {s['max_logprobs']}, KV {s['kv_cache_gib']} GiB, "
+        f"reserved CPUs {s['reserved_cpus']}, {s['omp_threads']} OMP threads"
+    )
+
+
+def start_raw(
+    engine: dict, env: dict[str, str], args: argparse.Namespace
+) -> tuple[str, subprocess.Popen]:
+    """`vllm serve` with the replica's engine arguments, and its engine env vars only."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        engine["model"],
+        "--served-model-name",
+        NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *engine_flags(engine),
+    ]
+    # this process's env minus any engine variable, plus exactly those the replica sees
+    penv = {k: v for k, v in os.environ.items() if not k.startswith(ENGINE_ENV_PREFIXES)}
+    penv.update(env)
+    log = open(args.log_dir / "raw_vllm.log", "w")
+    log.write(" ".join(cmd) + "\n")
+    log.flush()
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=penv
+    )
+    return f"http://127.0.0.1:{port}", proc
+
+
+def stop_raw(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def start_raydapt(cfg, model: Path) -> str:
+    from raydapt.pipeline import run_stage
+
     return run_stage("serve", cfg, model_dir=str(model), block=False)["url"]
 
 
@@ -225,7 +311,9 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds per level (median kept)"
     )
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--dtype", default="auto", help="serve.dtype (auto keeps a float32 model in float32)"
+    )
     ap.add_argument("--cache", type=Path, default=Path("runs/raydapt_bench_serve"))
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -233,15 +321,31 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     model = build_model(args.cache)
     texts = prompts(model)
+
+    from raydapt.cluster import connect
+    from raydapt.serve.spec import build_spec
+
+    cfg = job(args)
+    engine = dict(build_spec(cfg, model_dir=str(model)).engine)  # what the replica builds
+    # the cluster starts before any engine env var is chosen, from this process's env
+    connect(cfg.cluster)
+    seen = probe_replica_env(cfg)
+    env, threads = seen["env"], seen["torch_threads"]
+    sides = {
+        "raw": settings(engine, env, threads, "raw `vllm serve` subprocess"),
+        "raydapt": settings(engine, env, threads, "Serve replica (1 CPU)"),
+    }
     print(
         f"model {model} ({NAME} preset), {args.max_tokens} new tokens per request; "
         f"Ray worker niceness {os.environ['RAY_worker_niceness']}, raw server niceness "
         f"{os.getpriority(os.PRIO_PROCESS, 0)}",
         flush=True,
     )
-    raw_url, proc = start_raw(model, args)  # starts in the background while Serve starts
+    for k, v in sides.items():
+        print(f"  {k:>7}: {describe(v)}", flush=True)
+    raw_url, proc = start_raw(engine, env, args)  # starts in the background while Serve starts
     try:
-        ours_url = start_raydapt(model, args)
+        ours_url = start_raydapt(cfg, model)
         wait_ready(raw_url, proc)
         wait_ready(ours_url, None)
         print(f"raw vLLM at {raw_url}; raydapt serve at {ours_url}", flush=True)
@@ -275,11 +379,25 @@ def main() -> None:
             f"{r['p99_s'] * 1e3:>7.0f}ms {o['p99_s'] * 1e3:>8.0f}ms {row['p99_ratio']:>6.2f} "
             f"{row['p50_ratio']:>6.2f}"
         )
-    ok = all(x["rps_ratio"] >= 0.9 and x["p99_ratio"] <= 1.2 for x in rows)
-    print(f"goals (throughput >= 0.9x raw, p99 <= 1.2x raw): {'met' if ok else 'NOT met'}")
+    for x in rows:
+        x["goals_met"] = x["rps_ratio"] >= 0.9 and x["p99_ratio"] <= 1.2
+    ok = all(x["goals_met"] for x in rows)
+    print(
+        f"goals (throughput >= 0.9x raw, p99 <= 1.2x raw): {'met' if ok else 'NOT met'}"
+        + "".join(f"; c={x['concurrency']} {'met' if x['goals_met'] else 'NOT met'}" for x in rows)
+    )
+    print(f"both sides: {describe(sides['raw']).split(': ', 1)[1]}")
     if args.out:
         args.out.write_text(
-            json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2)
+            json.dumps(
+                {
+                    "rows": rows,
+                    "goals_met": ok,
+                    "settings": dict(sides, ray_worker_niceness=os.environ["RAY_worker_niceness"]),
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                },
+                indent=2,
+            )
         )
 
 

@@ -4,15 +4,26 @@ Same `small` preset model, same rows and prompts, same sampling parameters (each
 seeded as the pool seeds it, so raw vLLM draws the very same tokens). Measured:
 
 - generation output tokens/s: raydapt pool (1 actor) vs `LLM.generate` vs HF `generate`;
-- score throughput (tokens/s with top-k prompt logprobs): pool vs `LLM.generate(prompt_logprobs=k)`
-  vs HF forward + log_softmax + topk;
+- score throughput (tokens/s with top-k prompt logprobs): pool vs `LLM.generate` with the
+  pool's own request (`prompt_logprobs=k`, `logprobs=k`, flat lists, no detokenizing) vs
+  HF forward + log_softmax + topk;
 - bytes per token of the targets at k=16 (goal <= 100).
 
-Pool numbers exclude the engine start (it happens once per actor and is reported apart): they
-are the median per-batch rate measured inside the actor (engine + conversion to dense arrays
-+ the parquet part write), and the whole-run rate from the first batch start to the last
-batch end, which adds Ray Data's hand-offs. The raw vLLM baseline is timed per batch of the
-same size; medians over batches. Goal: pool >= 0.9x raw vLLM.
+Like with like: the raw engine is the `vllm.LLM` the pool's actor builds, with the settings
+of the pool's own `ActorSpec` (`raydapt.teach.stage.actor_spec`: dtype through
+`engine_dtype`, max_model_len, max_logprobs, enforce_eager, seed) and the environment a
+teacher actor sees (probed from a Ray actor with the pool's CPUs and env vars: in-process or
+multiprocess engine, KV cache, reserved CPUs, OMP/torch threads). Those variables are set in
+this process only while the raw engine exists, after the Ray cluster has started, so they
+never reach Ray's workers. HF runs in this process with the same threads and dtype. Every
+figure is printed with these settings, and the JSON records them.
+
+Pool numbers exclude the engine start (it happens once per actor): they are the median
+per-batch rate measured inside the actor (engine + conversion to dense arrays + the parquet
+part write), and the whole-run rate from the first batch start to the last batch end, which
+adds Ray Data's hand-offs. Raw vLLM and HF are timed per batch of the same size; medians
+over batches. Goals (per batch): generation >= 0.9x raw `LLM.generate`; scoring >= 0.9x the
+better of raw vLLM and HF forward + top-k.
 
     .venv/bin/python bench/teacher.py                 # about 5 minutes on 2 cores
     .venv/bin/python bench/teacher.py --rows 64 --prompts 32 --out runs/teacher_bench.json
@@ -27,12 +38,15 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Ray starts its workers at nice 15, the raw engine here runs at nice 0: on a shared, loaded
+# machine that alone skews the comparison, so the pool's workers run at this process's priority
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -130,89 +144,186 @@ def batches(table, bs: int) -> list:
     return [table.slice(i, bs) for i in range(0, table.num_rows, bs)]
 
 
-def raw_vllm(model: Path, prepared: Path, args) -> dict:
-    """Plain vLLM in this process: `LLM.generate` per batch, timed per batch."""
+def job(work: Path, model: Path, kind: str, args):
+    """The job the pool runs; also the source of the raw side's settings."""
+    from raydapt.config import job_from_dict
+
+    return job_from_dict(
+        {
+            "name": "bench",
+            "output_dir": str(work / "out"),
+            "teacher": {"path": str(model), "dtype": args.dtype},
+            "student": {"path": str(model)},
+            "teach": {
+                "kind": kind,
+                "k": K,
+                "batch_size": args.batch_size,
+                "max_model_len": 512,
+                "max_tokens": args.max_tokens,
+                "temperature": 1.0,
+                "seed": 0,
+            },
+        }
+    )
+
+
+# what a teacher actor's environment may hold that changes how its engine runs
+ENGINE_ENV_PREFIXES = ("VLLM_", "OMP_", "KMP_", "MKL_", "GOMP_")
+
+
+def pool_env(tcfg) -> dict[str, str]:
+    """The env vars `raydapt.teach.pool.run_pool` gives its actors (the engine-related ones)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(tcfg.kv_cache_gib)))}
+    if not tcfg.gpus_per_actor and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return env
+
+
+def probe_actor(num_cpus: float, env: dict[str, str]) -> dict:
+    """What a Ray actor with these CPUs and env vars sees: engine env vars, torch threads.
+
+    Ray sets OMP_NUM_THREADS to an actor's whole CPUs, so a teacher actor's in-process
+    engine runs with that many threads; the raw engine must get the same.
+    """
+    import ray
+
+    @ray.remote(num_cpus=num_cpus, runtime_env={"env_vars": env})
+    class Probe:
+        def env(self) -> dict:
+            import torch
+
+            from raydapt.teach.vllm_backend import in_process_engine
+
+            in_process_engine(1)  # what VLLMBackend does first (CPU, tensor parallel 1)
+            seen = {k: v for k, v in os.environ.items() if k.startswith(ENGINE_ENV_PREFIXES)}
+            return {"env": seen, "torch_threads": torch.get_num_threads()}
+
+    a = Probe.remote()
+    try:
+        return ray.get(a.env.remote())
+    finally:
+        ray.kill(a)
+
+
+@contextmanager
+def scoped_env(env: dict[str, str], prefixes: tuple[str, ...] = ENGINE_ENV_PREFIXES):
+    """This process's env with exactly `env` for the keys under `prefixes`, restored after."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+    for k in saved:
+        del os.environ[k]
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if k.startswith(prefixes)]:
+            del os.environ[k]
+        os.environ.update(saved)
+
+
+def engine_settings(spec, tcfg, env: dict[str, str], threads: int) -> dict:
+    multiproc = env.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0"
+    return {
+        "dtype": spec.dtype,
+        "engine": "multiprocess" if multiproc else "in-process",
+        "batch_size": int(tcfg.batch_size),
+        "enforce_eager": spec.enforce_eager,
+        "max_logprobs": max(int(spec.k), 1),
+        "max_model_len": spec.max_model_len,
+        "kv_cache_gib": env.get("VLLM_CPU_KVCACHE_SPACE", "vLLM default"),
+        "reserved_cpus": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM default"),
+        "torch_threads": threads,
+        "env": dict(sorted(env.items())),
+    }
+
+
+def describe(s: dict) -> str:
+    return (
+        f"{s['dtype']}, {s['engine']} engine, batch {s['batch_size']}, "
+        f"{'eager' if s.get('enforce_eager') else 'compiled'}, "
+        f"max_logprobs {s['max_logprobs']}, KV {s['kv_cache_gib']} GiB, "
+        f"reserved CPUs {s['reserved_cpus']}, {s['torch_threads']} threads"
+    )
+
+
+def raw_vllm(spec, prepared: Path, args, env: dict[str, str], threads: int) -> dict:
+    """Plain `LLM.generate` per batch on the engine a teacher actor builds, in this process.
+
+    The engine is `VLLMBackend(spec).llm`: the very `vllm.LLM(...)` call of the pool, so no
+    setting can differ; the timed calls are raw vLLM with the requests the pool sends.
+    """
     import pyarrow.parquet as pq
-    from vllm import LLM, SamplingParams
+    import torch
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from raydapt.teach.convert import row_seed, sample_id
+    from raydapt.teach.vllm_backend import VLLMBackend
 
-    t0 = time.perf_counter()
-    llm = LLM(
-        model=str(model),
-        dtype=args.dtype,
-        max_model_len=512,
-        max_logprobs=K,
-        enforce_eager=True,
-        seed=0,
-    )
-    init_s = time.perf_counter() - t0
-    g = gen_params(args)
-    gen_rates, gen_tokens = [], 0
-    for b in batches(pq.read_table(prepared / "prompts"), args.batch_size):
-        reqs = [TokensPrompt(prompt_token_ids=p) for p in b.column("prompt_ids").to_pylist()]
-        sps = [
-            SamplingParams(
-                temperature=g.temperature,
-                top_p=g.top_p,
-                max_tokens=g.max_tokens,
-                seed=row_seed(0, sample_id(pid, 0)),
-            )
-            for pid in b.column("id").to_pylist()
-        ]
-        t = time.perf_counter()
-        outs = llm.generate(reqs, sps, use_tqdm=False)
-        n = sum(len(o.outputs[0].token_ids) for o in outs)
-        gen_rates.append(n / (time.perf_counter() - t))
-        gen_tokens += n
-    score_rates = []
-    sp = SamplingParams(max_tokens=1, prompt_logprobs=K)
-    for b in batches(pq.read_table(prepared / "train"), args.batch_size):
-        reqs = [TokensPrompt(prompt_token_ids=p) for p in b.column("input_ids").to_pylist()]
-        t = time.perf_counter()
-        llm.generate(reqs, sp, use_tqdm=False)
-        score_rates.append(
-            sum(len(r["prompt_token_ids"]) for r in reqs) / (time.perf_counter() - t)
+    # vLLM reads its env vars when the engine is built and caches them after; the CPU worker
+    # then disables torch.set_num_threads, so the threads are set first
+    torch.set_num_threads(threads)
+    with scoped_env(env):
+        t0 = time.perf_counter()
+        llm = VLLMBackend(spec).llm
+        init_s = time.perf_counter() - t0
+        g = gen_params(args)
+        gen_rates, gen_tokens = [], 0
+        for b in batches(pq.read_table(prepared / "prompts"), args.batch_size):
+            reqs = [TokensPrompt(prompt_token_ids=p) for p in b.column("prompt_ids").to_pylist()]
+            sps = [
+                SamplingParams(
+                    n=1,
+                    temperature=g.temperature,
+                    top_p=g.top_p,
+                    max_tokens=g.max_tokens,
+                    seed=row_seed(spec.seed, sample_id(pid, 0)),
+                )
+                for pid in b.column("id").to_pylist()
+            ]
+            t = time.perf_counter()
+            outs = llm.generate(reqs, sps, use_tqdm=False)
+            n = sum(len(o.outputs[0].token_ids) for o in outs)
+            gen_rates.append(n / (time.perf_counter() - t))
+            gen_tokens += n
+        # the pool's scoring request: the first T-1 tokens as the prompt plus one sampled token
+        # (T positions of top-k logprobs), flat logprob lists, no detokenizing
+        sp = SamplingParams(
+            max_tokens=1,
+            prompt_logprobs=spec.k,
+            logprobs=spec.k,
+            detokenize=False,
+            flat_logprobs=True,
+            temperature=1.0,
         )
-    del llm
+        score_rates = []
+        for b in batches(pq.read_table(prepared / "train"), args.batch_size):
+            rows = b.column("input_ids").to_pylist()
+            reqs = [TokensPrompt(prompt_token_ids=r[:-1]) for r in rows]
+            t = time.perf_counter()
+            llm.generate(reqs, sp, use_tqdm=False)
+            score_rates.append(sum(map(len, rows)) / (time.perf_counter() - t))
+        del llm
     return {
         "init_s": init_s,
         "gen_tok_s": statistics.median(gen_rates),
         "gen_tokens": gen_tokens,
         "score_tok_s": statistics.median(score_rates),
+        "torch_threads": torch.get_num_threads(),
     }
 
 
 def pool(work: Path, model: Path, args) -> dict:
-    from raydapt.cluster import connect
-    from raydapt.config import job_from_dict
+    import shutil
+
+    import pyarrow.parquet as pq
+
     from raydapt.pipeline import run_stage
 
     res = {}
     for kind in ("generate", "score"):
         out = work / "out"
-        import shutil
-
         shutil.rmtree(out / "targets", ignore_errors=True)
-        cfg = job_from_dict(
-            {
-                "name": "bench",
-                "output_dir": str(out),
-                "teacher": {"path": str(model), "dtype": args.dtype},
-                "student": {"path": str(model)},
-                "teach": {
-                    "kind": kind,
-                    "k": K,
-                    "batch_size": args.batch_size,
-                    "max_model_len": 512,
-                    "max_tokens": args.max_tokens,
-                    "temperature": 1.0,
-                    "seed": 0,
-                },
-            }
-        )
-        connect(cfg.cluster)
+        cfg = job(work, model, kind, args)
         t = time.perf_counter()
         m = run_stage("teach", cfg)
         p = m["pool"]
@@ -224,8 +335,6 @@ def pool(work: Path, model: Path, args) -> dict:
             "bytes_per_token": m["bytes_per_token"],
         }
         if kind == "generate":  # output tokens only: total minus the prompts
-            import pyarrow.parquet as pq
-
             files = sorted((out / "targets").glob("targets-*.parquet"))
             n_out = sum(
                 len(x)
@@ -241,14 +350,16 @@ def pool(work: Path, model: Path, args) -> dict:
     return res
 
 
-def hf(model: Path, prepared: Path, args) -> dict:
+def hf(spec, prepared: Path, args) -> dict:
+    """HF transformers in this process: the engine's dtype, this process's torch threads."""
     import numpy as np
     import pyarrow.parquet as pq
+    import torch
 
     from raydapt.teach.hf_backend import HFBackend
     from raydapt.teach.spec import ActorSpec
 
-    be = HFBackend(ActorSpec(model=str(model), dtype=args.dtype, k=K))
+    be = HFBackend(ActorSpec(model=spec.model, dtype=spec.dtype, k=spec.k, backend="hf"))
     prompts = pq.read_table(prepared / "prompts").slice(0, args.hf_prompts)
     t = time.perf_counter()
     outs = be.generate(
@@ -263,7 +374,11 @@ def hf(model: Path, prepared: Path, args) -> dict:
         t = time.perf_counter()
         be.score(seqs)
         rates.append(sum(map(len, seqs)) / (time.perf_counter() - t))
-    return {"gen_tok_s": gen, "score_tok_s": statistics.median(rates)}
+    return {
+        "gen_tok_s": gen,
+        "score_tok_s": statistics.median(rates),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -273,18 +388,48 @@ def main() -> None:
     ap.add_argument("--hf-prompts", type=int, default=8, help="HF generate is slow: fewer prompts")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--dtype", default="auto", help="teacher.dtype (auto keeps a float32 model in float32)"
+    )
     ap.add_argument("--work", default="runs/raydapt-bench-teacher")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     work = Path(args.work)
     model = setup(work, args.rows, args.prompts)
     prepared = work / "out" / "prepared"
-    raw = raw_vllm(model, prepared, args)
+
+    from raydapt.cluster import connect
+    from raydapt.teach.stage import actor_spec, plan
+
+    cfg = job(work, model, "score", args)
+    spec = actor_spec(plan(cfg))  # what each teacher actor is told (dtype, lengths, k, seed)
+    tcfg = cfg.teach
+    # the cluster starts before any engine env var is set here, so none reaches its workers
+    connect(cfg.cluster)
+    seen = probe_actor(tcfg.cpus_per_actor, pool_env(tcfg))
+    actor_env, threads = seen["env"], seen["torch_threads"]
+    settings = engine_settings(spec, tcfg, actor_env, threads)
+    raw_settings = dict(settings, env=dict(sorted(actor_env.items())))
+    hf_settings = {"dtype": spec.dtype, "batch_size": int(tcfg.batch_size), "torch_threads": 0}
+
+    raw = raw_vllm(spec, prepared, args, actor_env, threads)
     ours = pool(work, model, args)
-    ref = hf(model, prepared, args)
+    ref = hf(spec, prepared, args)
+    hf_settings["torch_threads"] = ref["torch_threads"]
+    raw_settings["torch_threads"] = raw["torch_threads"]
     g, s = ours["generate"], ours["score"]
+    best_name, best = max(
+        (("raw vLLM", raw["score_tok_s"]), ("HF forward + top-k", ref["score_tok_s"])),
+        key=lambda x: x[1],
+    )
     report = {
+        "settings": {
+            "raydapt": settings,
+            "raw_vllm": raw_settings,
+            "hf": hf_settings,
+            "ray_worker_niceness": os.environ.get("RAY_worker_niceness"),
+            "actors": 1,
+        },
         "raw_vllm": raw,
         "raydapt": ours,
         "hf": ref,
@@ -292,24 +437,47 @@ def main() -> None:
         "gen_ratio_span": g["span_tok_s"] / raw["gen_tok_s"],
         "score_ratio_batch": s["median_batch_tok_s"] / raw["score_tok_s"],
         "score_ratio_span": s["span_tok_s"] / raw["score_tok_s"],
+        "score_vs_hf_batch": s["median_batch_tok_s"] / ref["score_tok_s"],
+        "score_best_baseline": best_name,
+        "score_vs_best_batch": s["median_batch_tok_s"] / best,
+        "score_vs_best_span": s["span_tok_s"] / best,
         "hf_gen_ratio": ref["gen_tok_s"] / raw["gen_tok_s"],
         "hf_score_ratio": ref["score_tok_s"] / raw["score_tok_s"],
         "bytes_per_token_k16": s["bytes_per_token"],
     }
+    report["gen_goal_met"] = report["gen_ratio_batch"] >= 0.9
+    report["score_goal_met"] = report["score_vs_best_batch"] >= 0.9
     print(json.dumps(report, indent=2))
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    print(f"\nraydapt pool (1 actor; {describe(settings)})")
+    print(f"raw vLLM     ({describe(raw_settings)}; engine start {raw['init_s']:.1f} s)")
+    print(f"HF           ({spec.dtype}, batch {tcfg.batch_size}, {ref['torch_threads']} threads)")
     print(
-        f"\ngenerate tok/s: raw vLLM {raw['gen_tok_s']:.0f} | "
+        f"generate tok/s: raw vLLM {raw['gen_tok_s']:.0f} | "
         f"raydapt per-batch {g['median_batch_tok_s']:.0f} "
         f"({report['gen_ratio_batch']:.2f}x), whole run {g['span_tok_s']:.0f} "
         f"({report['gen_ratio_span']:.2f}x) | "
-        f"HF {ref['gen_tok_s']:.0f} ({report['hf_gen_ratio']:.2f}x)"
+        f"HF {ref['gen_tok_s']:.0f} ({report['hf_gen_ratio']:.2f}x raw)"
     )
     print(
         f"score tok/s:    raw vLLM {raw['score_tok_s']:.0f} | "
+        f"HF forward + top-k {ref['score_tok_s']:.0f} | "
         f"raydapt per-batch {s['median_batch_tok_s']:.0f} "
-        f"({report['score_ratio_batch']:.2f}x), whole run {s['span_tok_s']:.0f} "
-        f"({report['score_ratio_span']:.2f}x) | "
-        f"HF {ref['score_tok_s']:.0f} ({report['hf_score_ratio']:.2f}x)"
+        f"({report['score_ratio_batch']:.2f}x raw, {report['score_vs_hf_batch']:.2f}x HF), "
+        f"whole run {s['span_tok_s']:.0f} ({report['score_vs_best_span']:.2f}x best)"
+    )
+    print(
+        f"goal generate: pool per batch >= 0.9x raw LLM.generate: "
+        f"{report['gen_ratio_batch']:.3f}x, {verdict(report['gen_goal_met'])} "
+        f"(whole run {report['gen_ratio_span']:.2f}x)"
+    )
+    print(
+        f"goal score: pool per batch >= 0.9x the better of raw vLLM and HF ({best_name}): "
+        f"{report['score_vs_best_batch']:.3f}x, {verdict(report['score_goal_met'])} "
+        f"(whole run {report['score_vs_best_span']:.2f}x)"
     )
     print(f"targets at k={K}: {s['bytes_per_token']:.1f} bytes/token (goal <= 100)")
     if args.out:
