@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import socket
 from pathlib import Path
 
@@ -27,10 +28,27 @@ TASKS = ["add", "sort", "reverse", "base"]
 SEQ_LEN = 64  # rows of the train tests
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on every interface, below Linux's ephemeral range (32768+) and above Ray's
+    worker ports (10002-19999): a port the kernel hands to someone else's bind(0) between our
+    check and the server's own bind (seen: a Ray dashboard agent losing its port to another
+    Ray cluster starting at the same time) cannot come from here."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def world_pairs(world_dir: Path, n: int) -> list[tuple[str, str]]:

@@ -14,7 +14,6 @@ pytest process sets RAY_AUTH_MODE=token in os.environ).
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from builders import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
