@@ -102,11 +102,12 @@ def model_path(job: JobConfig, role: str) -> Path:
     """
     spec = getattr(job, role)
     if spec.path:
+        path = os.path.expanduser(spec.path)
         try:
-            check_source(spec.path)
+            check_source(path)
         except UserError as e:
             raise UserError(f"{role}.path: {e}; or clear it to build `{role}.preset`") from None
-        return Path(spec.path).absolute() if os.path.isdir(spec.path) else Path(spec.path)
+        return Path(path).absolute() if os.path.isdir(path) else Path(path)
     if not spec.preset:
         raise UserError(f"{role}.path is empty and {role}.preset is not set; give one of them")
     out = layout.models_dir(job) / role

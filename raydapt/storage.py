@@ -198,7 +198,7 @@ def output_lock(output: str | os.PathLike) -> Iterator[Path]:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _read_json(path)
+            holder = read_json(path)
             if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", 0) or 0)):
                 log.warning(
                     "taking over the lock %s of pid %s (started %s), which no longer runs",
@@ -219,11 +219,12 @@ def output_lock(output: str | os.PathLike) -> Iterator[Path]:
     try:
         yield path
     finally:
-        if _read_json(path).get("pid") == me["pid"]:
+        if read_json(path).get("pid") == me["pid"]:
             path.unlink(missing_ok=True)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

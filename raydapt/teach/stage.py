@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import shutil
 import time
@@ -31,9 +30,9 @@ import pyarrow.parquet as pq
 from raydapt import layout
 from raydapt.config import JobConfig
 from raydapt.errors import UserError
-from raydapt.models import engine_dtype, is_hub_id, load_tokenizer, tokenizer_hash, weights_hash
+from raydapt.models import engine_dtype, load_tokenizer, tokenizer_hash, weights_hash
 from raydapt.sources import model_path
-from raydapt.storage import hash_json, require_manifest, write_json_atomic
+from raydapt.storage import hash_json, read_json, require_manifest, write_json_atomic
 from raydapt.targets import PartStore, id_dtype_for
 from raydapt.teach.convert import MAX_K, sample_id
 from raydapt.teach.pool import run_pool
@@ -53,25 +52,6 @@ RESOURCE_KEYS = (
 FINGERPRINT_FILE = "fingerprint.json"
 
 
-def _teacher_path(cfg: JobConfig) -> Path | str:
-    """teacher.path when set (a folder that must exist, or a hub id), else the preset's model.
-
-    We do not fall back to the preset when an explicit path is missing: a typo in
-    teacher.path must not silently teach with a freshly built random model.
-    """
-    path = cfg.teacher.path
-    if not path:
-        return model_path(cfg, "teacher")
-    if os.path.isdir(os.path.expanduser(path)):
-        return Path(os.path.expanduser(path))
-    if is_hub_id(path):
-        return path  # loading it below raises a UserError if the hub (or cache) lacks it
-    raise UserError(
-        f"teacher.path: model folder {path} does not exist; "
-        "point it at an HF model folder or a hub id"
-    )
-
-
 def _check_k(cfg: JobConfig) -> None:
     if cfg.teach.kind != "generate" and not 1 <= cfg.teach.k <= MAX_K:
         raise UserError(
@@ -83,7 +63,7 @@ def _check_k(cfg: JobConfig) -> None:
 def _teacher_info(cfg: JobConfig) -> dict:
     from transformers import AutoConfig
 
-    path = _teacher_path(cfg)
+    path = model_path(cfg, "teacher")  # an explicit path never falls back to the preset
     tok = load_tokenizer(path)
     mcfg = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.teacher.trust_remote_code)
     max_pos = int(getattr(mcfg, "max_position_embeddings", 0) or 2048)
@@ -220,13 +200,6 @@ def open_store(final: Path, fp: str) -> PartStore:
     store.dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(mark, {"fingerprint": fp})
     return store
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def pending(cfg: JobConfig, rows: pa.Table, done: set[str]) -> pa.Table:

@@ -278,7 +278,7 @@ def test_bad_input_battery(hf_run, tiny_model_dir, other_model, world_dir, tmp_p
     out = cfg.out
     with pytest.raises(UserError, match="teach.k=500"):
         run_teach(job(out, tiny_model_dir, k=500))
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="teacher.path: model folder not found"):
         run_teach(job(out, tmp_path / "no-such-teacher"))
     with pytest.raises(UserError, match=r"longer than the engine context .*id \w+ with \d+ tokens"):
         run_teach(job(out, tiny_model_dir, max_model_len=16))
