@@ -42,6 +42,8 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _probe import ENGINE_ENV_PREFIXES, probe_actor  # noqa: E402 - bench/ is the script's folder
+
 NAME = "small"
 MAX_LEN = 512
 
@@ -166,7 +168,6 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float = 300) 
 
 
 # what a replica's environment may hold that changes how its engine runs
-ENGINE_ENV_PREFIXES = ("VLLM_", "OMP_", "KMP_", "MKL_", "GOMP_")
 
 
 def job(args: argparse.Namespace):
@@ -191,34 +192,12 @@ def job(args: argparse.Namespace):
 
 
 def probe_replica_env(cfg) -> dict:
-    """What a Ray actor with the replica's CPUs and env vars sees (engine env vars, threads).
-
-    Ray sets OMP_NUM_THREADS to an actor's whole CPUs, and the replica's engine-core process
-    inherits it; the raw server must get the same.
-    """
-    import ray
-
+    """What a Ray actor with the replica's CPUs and env vars sees (engine env vars, threads);
+    the replica's engine-core process inherits it, and the raw server must get the same."""
     from raydapt.serve.spec import replica_env
 
     s = cfg.serve
-
-    @ray.remote(
-        num_cpus=s.cpus_per_replica,
-        num_gpus=s.gpus_per_replica,
-        runtime_env={"env_vars": replica_env(cfg)},
-    )
-    class Probe:
-        def env(self) -> dict:
-            import torch
-
-            seen = {k: v for k, v in os.environ.items() if k.startswith(ENGINE_ENV_PREFIXES)}
-            return {"env": seen, "torch_threads": torch.get_num_threads()}
-
-    a = Probe.remote()
-    try:
-        return ray.get(a.env.remote())
-    finally:
-        ray.kill(a)
+    return probe_actor(s.cpus_per_replica, replica_env(cfg), num_gpus=s.gpus_per_replica)
 
 
 def engine_flags(engine: dict) -> list[str]:

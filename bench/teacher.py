@@ -38,7 +38,6 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -50,6 +49,8 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _probe import probe_actor, scoped_env  # noqa: E402 - bench/ is the script's folder
 
 K = 16
 SEQ = 128
@@ -165,59 +166,6 @@ def job(work: Path, model: Path, kind: str, args):
             },
         }
     )
-
-
-# what a teacher actor's environment may hold that changes how its engine runs
-ENGINE_ENV_PREFIXES = ("VLLM_", "OMP_", "KMP_", "MKL_", "GOMP_")
-
-
-def pool_env(tcfg) -> dict[str, str]:
-    """The env vars `raydapt.teach.pool.run_pool` gives its actors (the engine-related ones)."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(tcfg.kv_cache_gib)))}
-    if not tcfg.gpus_per_actor and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    return env
-
-
-def probe_actor(num_cpus: float, env: dict[str, str]) -> dict:
-    """What a Ray actor with these CPUs and env vars sees: engine env vars, torch threads.
-
-    Ray sets OMP_NUM_THREADS to an actor's whole CPUs, so a teacher actor's in-process
-    engine runs with that many threads; the raw engine must get the same.
-    """
-    import ray
-
-    @ray.remote(num_cpus=num_cpus, runtime_env={"env_vars": env})
-    class Probe:
-        def env(self) -> dict:
-            import torch
-
-            from raydapt.teach.vllm_backend import in_process_engine
-
-            in_process_engine(1)  # what VLLMBackend does first (CPU, tensor parallel 1)
-            seen = {k: v for k, v in os.environ.items() if k.startswith(ENGINE_ENV_PREFIXES)}
-            return {"env": seen, "torch_threads": torch.get_num_threads()}
-
-    a = Probe.remote()
-    try:
-        return ray.get(a.env.remote())
-    finally:
-        ray.kill(a)
-
-
-@contextmanager
-def scoped_env(env: dict[str, str], prefixes: tuple[str, ...] = ENGINE_ENV_PREFIXES):
-    """This process's env with exactly `env` for the keys under `prefixes`, restored after."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
-    for k in saved:
-        del os.environ[k]
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k in [k for k in os.environ if k.startswith(prefixes)]:
-            del os.environ[k]
-        os.environ.update(saved)
 
 
 def engine_settings(spec, tcfg, env: dict[str, str], threads: int) -> dict:
@@ -399,6 +347,7 @@ def main() -> None:
     prepared = work / "out" / "prepared"
 
     from raydapt.cluster import connect
+    from raydapt.teach.pool import actor_env
     from raydapt.teach.stage import actor_spec, plan
 
     cfg = job(work, model, "score", args)
@@ -406,13 +355,13 @@ def main() -> None:
     tcfg = cfg.teach
     # the cluster starts before any engine env var is set here, so none reaches its workers
     connect(cfg.cluster)
-    seen = probe_actor(tcfg.cpus_per_actor, pool_env(tcfg))
-    actor_env, threads = seen["env"], seen["torch_threads"]
-    settings = engine_settings(spec, tcfg, actor_env, threads)
-    raw_settings = dict(settings, env=dict(sorted(actor_env.items())))
+    seen = probe_actor(tcfg.cpus_per_actor, actor_env(tcfg), in_process=True)
+    seen_env, threads = seen["env"], seen["torch_threads"]
+    settings = engine_settings(spec, tcfg, seen_env, threads)
+    raw_settings = dict(settings, env=dict(sorted(seen_env.items())))
     hf_settings = {"dtype": spec.dtype, "batch_size": int(tcfg.batch_size), "torch_threads": 0}
 
-    raw = raw_vllm(spec, prepared, args, actor_env, threads)
+    raw = raw_vllm(spec, prepared, args, seen_env, threads)
     ours = pool(work, model, args)
     ref = hf(spec, prepared, args)
     hf_settings["torch_threads"] = ref["torch_threads"]

@@ -101,6 +101,19 @@ class TeacherActor:
         )
 
 
+def actor_env(tcfg: TeachConfig) -> dict[str, str]:
+    """The env vars every teacher actor gets (bench/teacher.py gives its raw engine the same)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(tcfg.kv_cache_gib)))}
+    for k in (FAIL_AFTER_ENV, HOLD_ENV, "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    if not tcfg.gpus_per_actor and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+        # vLLM keeps one core per engine for its scheduler process, which on a 2-core node
+        # leaves the model one thread; the scheduler mostly waits on the model anyway
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return env
+
+
 def run_pool(rows: pa.Table, spec: ActorSpec, tcfg: TeachConfig) -> dict:
     """Teach every row of `rows` through the pool; parts land in PartStore(spec.final)."""
     import ray.data
@@ -109,15 +122,8 @@ def run_pool(rows: pa.Table, spec: ActorSpec, tcfg: TeachConfig) -> dict:
     # One block per batch, so the autoscaling pool can spread batches over its actors.
     blocks = [rows.slice(i, bs) for i in range(0, rows.num_rows, bs)]
     ds = ray.data.from_arrow(blocks)
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(tcfg.kv_cache_gib)))}
-    for k in (FAIL_AFTER_ENV, HOLD_ENV, "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
-        if k in os.environ:
-            env[k] = os.environ[k]
+    env = actor_env(tcfg)
     num_gpus = tcfg.gpus_per_actor or 0
-    if not num_gpus and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
-        # vLLM keeps one core per engine for its scheduler process, which on a 2-core node
-        # leaves the model one thread; the scheduler mostly waits on the model anyway
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     if num_gpus and tcfg.tensor_parallel_size > 1:
         num_gpus = max(num_gpus, tcfg.tensor_parallel_size)
     out = ds.map_batches(
