@@ -109,7 +109,8 @@ def main() -> None:
 
     from raydapt import layout
     from raydapt.config import job_from_dict
-    from raydapt.train.data import collate, micro_batch_rows
+    from raydapt.rows import collate
+    from raydapt.train.data import micro_batch_rows
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     model, rows, write_prepared = build(root, a.preset, a.seq_len, n_rows=max(400, a.batch * 8))

@@ -26,8 +26,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from raydapt.rows import collate  # noqa: F401 - the loop collates through this module
-
 
 def load_rows(batches: Iterable[pa.Table], columns: list[str]) -> pa.Table:
     """Arrow batches (from a Ray Data shard) -> one table of `columns`, sorted by id."""

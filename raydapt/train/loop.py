@@ -40,6 +40,7 @@ from torch import nn
 from raydapt.config import TrainConfig
 from raydapt.errors import UserError
 from raydapt.faults import park_until_killed
+from raydapt.rows import collate
 from raydapt.train import checkpoint as ckpt
 from raydapt.train import data
 from raydapt.train.fsdp import (
@@ -172,7 +173,7 @@ def evaluate(
         for rows, valid in data.val_batches(
             table.num_rows, tc.batch_size * ws, rank, tc.batch_size
         ):
-            b = {k: v.to(device) for k, v in data.collate(table, rows, pad_id, valid).items()}
+            b = {k: v.to(device) for k, v in collate(table, rows, pad_id, valid).items()}
             loss, parts = objective(model, b)
             n = float(objective.count(b))
             vals = [loss.detach().float(), *(parts[p].float() for p in names[1:])]
@@ -292,7 +293,7 @@ def _batches(plan: TrainPlan, rows, step: int) -> list[dict[str, torch.Tensor]]:
     rank, ws = world()
     g0 = (step - 1) * tc.grad_accum
     return [
-        data.collate(
+        collate(
             rows,
             data.micro_batch_rows(
                 rows.num_rows, tc.seed, g, tc.batch_size * ws, rank, tc.batch_size

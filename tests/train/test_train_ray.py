@@ -54,7 +54,7 @@ def teacher_dir(world_dir, tiny_model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from raydapt.models import init_model
-    from raydapt.train.data import collate
+    from raydapt.rows import collate
     from raydapt.train.losses import ce_loss
 
     out = init_model(
@@ -103,7 +103,7 @@ def job(tmp_path, tiny_model_dir, rows, ray_cluster):
 def test_full_lowers_val_loss_and_export_loads(job, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydapt.train.data import collate
+    from raydapt.rows import collate
     from raydapt.train.losses import ce_loss
 
     cfg = job(max_steps=8, eval_every=4, checkpoint_every=4)
@@ -500,7 +500,7 @@ def test_fsdp_two_ranks_match_one_process(tiny_model_dir, rows, tmp_path):
     """Same global batch, same loss and same gradients (SGD lr=1) within 1e-5 in fp32."""
     import torch.multiprocessing as mp
 
-    from raydapt.train.data import collate
+    from raydapt.rows import collate
     from raydapt.train.modes import load_student
 
     table = pa.table(
