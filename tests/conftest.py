@@ -34,6 +34,24 @@ def tiny_model_dir(world_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct imported from its packaged GGUF (`make setup` installs it) into
+    this test run's own cache, once (~35 s): the real LLM of the real-model tests."""
+    from raydapt import imports
+
+    cache = tmp_path_factory.mktemp("import-cache")
+    before = os.environ.get("RAYDAPT_CACHE")
+    os.environ["RAYDAPT_CACHE"] = str(cache)
+    try:
+        return imports.ensure_imported(imports.PACKAGED_EXAMPLE)
+    finally:
+        if before is None:
+            os.environ.pop("RAYDAPT_CACHE")
+        else:
+            os.environ["RAYDAPT_CACHE"] = before
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """A local Ray cluster with more logical CPUs than cores (Train workers each
     reserve one CPU, so two would fill a 2-core machine), shared by all tests.

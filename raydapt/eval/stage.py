@@ -25,7 +25,8 @@ import numpy as np
 from raydapt import layout
 from raydapt.config import EvalConfig, JobConfig
 from raydapt.errors import UserError
-from raydapt.models import count_params, load_model, load_tokenizer, weights_hash
+from raydapt.eval.agreement import agreement, read_heldout_targets
+from raydapt.models import count_params, load_model, load_tokenizer, tokenizer_hash, weights_hash
 from raydapt.prepare.stage import split_files
 from raydapt.prepare.tokenize import Tokenize
 from raydapt.rows import loss_mask_of, padded
@@ -77,6 +78,7 @@ def fingerprint(p: EvalPlan) -> str | None:
             "eval": p.job.eval.__dict__,
             "weights": weights_hash(p.model_dir),
             "data": (data or {}).get("fingerprint"),
+            "teacher_targets": _targets_stamp(p.job.eval.teacher_targets),
             "v": 2,
         }
     )
@@ -91,6 +93,8 @@ def run(p: EvalPlan) -> dict:
     else:
         metrics = {"model": str(p.model_dir), "val_loss": validation_loss(p.model_dir, p.job)}
         metrics["perplexity"] = math.exp(metrics["val_loss"])
+    if p.model_dir is not None and p.job.eval.teacher_targets:
+        metrics.update(teacher_agreement(p.model_dir, p.job.eval.teacher_targets))
     record = finish_record(p.output, {**metrics, "fingerprint": fingerprint(p)})
     print(
         f"[eval] {p.name}: "
@@ -98,6 +102,27 @@ def run(p: EvalPlan) -> dict:
         flush=True,
     )
     return record
+
+
+def _targets_stamp(folder: str) -> str | None:
+    """What the held-out targets are, so new ones make the record stale."""
+    m = read_manifest(folder) if folder else None
+    return m and (m.get("fingerprint") or m.get("created_at"))
+
+
+def teacher_agreement(model_dir: Path, targets: str) -> dict:
+    """teacher_nll, teacher_kl and top1_agreement on the teacher's held-out answers."""
+    table = read_heldout_targets(targets)
+    tok = load_tokenizer(model_dir)
+    manifest = read_manifest(targets) or {}
+    if manifest.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
+        raise UserError(
+            f"eval.teacher_targets: {targets} were written with tokenizer "
+            f"{manifest.get('tokenizer_hash')} but {model_dir} has {tokenizer_hash(tok)}; "
+            "teacher agreement needs the student's tokenizer"
+        )
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return agreement(load_model(model_dir).eval(), table, pad)
 
 
 def heldout_rows(job: JobConfig) -> list[dict]:
@@ -167,7 +192,7 @@ def greedy_answers(
 def evaluate_model(model_dir: str | Path, rows: list[dict], ecfg: EvalConfig) -> dict:
     """Loss on held-out problems and Markov text, exact-match, parameter count, decode speed."""
     tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-    problems = [r for r in rows if "prompt" in r][: ecfg.max_problems]
+    problems = [r for r in rows if "answer" in r][: ecfg.max_problems]
     markov = [r for r in rows if r.get("task") == "markov"]
     out: dict[str, Any] = {"model": str(model_dir), "params": count_params(model)}
     if problems:
@@ -206,7 +231,7 @@ def validation_loss(model_dir: str | Path, job: JobConfig) -> float:
 
 def evaluate_endpoint(cfg: JobConfig) -> dict:
     """Exact-match through a served OpenAI-compatible endpoint (completions, greedy)."""
-    rows = [r for r in heldout_rows(cfg) if "prompt" in r][: cfg.eval.max_problems]
+    rows = [r for r in heldout_rows(cfg) if "answer" in r][: cfg.eval.max_problems]
     if not rows:
         raise UserError("eval.endpoint: only the world corpus has held-out problems to score")
     base = cfg.eval.endpoint.rstrip("/")

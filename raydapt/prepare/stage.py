@@ -10,8 +10,8 @@ therefore deterministic for a given input whatever the parallelism.
 
 Output (layout.prepared_dir): `train/` and `validation/` parquet shards with columns
 `id`, `input_ids` (<= seq_len, unpadded), `loss_mask` (aligned with logits: mask[t] = 1
-when predicting token t+1 counts) and `label` (-1 if none); `prompts/` with the train
-split's prompts for teacher generation; and `manifest.json`, written last.
+when predicting token t+1 counts) and `label` (-1 if none); `prompts/` with the prompts
+of both splits (column `split`) for teacher generation; and `manifest.json`, written last.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def run(p: PreparePlan) -> dict:
     )
     with atomic_dir(p.output) as tmp:
         stats = write_prepared(tokenized, tmp, job.prepare)
-        if stats["rows"]["train"] == 0:
+        if stats["rows"]["train"] == 0 and stats["prompts"] == 0:  # prompts: for the teacher
             raise UserError(
                 f"corpus {p.paths[0] if len(p.paths) == 1 else list(p.paths)} has zero usable rows "
                 f"(dropped: {stats['dropped']}); "
@@ -316,8 +316,8 @@ def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
     dropped = dict.fromkeys(REASONS, 0)
     examples: dict[str, list[str]] = {}
     seen: set[str] = set()
-    prompts: dict[str, list] = {"id": [], "prompt": [], "prompt_ids": [], "answer": []}
-    n_docs = 0
+    prompts: dict[str, list] = {k: [] for k in ("id", "prompt", "prompt_ids", "answer", "split")}
+    n_docs = truncated = 0
     bar = Progress("prepare", unit="docs")
     for table in it:
         bar.update(table.num_rows)
@@ -335,11 +335,14 @@ def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
                 continue
             seen.add(hashes[i])
             n_docs += 1
+            truncated += cols["truncated"][i].as_py()
             ids = cols["ids"][i].values.to_numpy(zero_copy_only=False)
             target = cols["target"][i].values.to_numpy(zero_copy_only=False)
             split = split_of(hashes[i], pcfg.val_fraction)
-            splits[split].add(hashes[i], ids, target, labels[i])
-            if split == "train" and cols["prompt"][i].is_valid and len(cols["prompt_ids"][i]):
+            if target.any() or labels[i] >= 0:  # a prompt-only row waits for the teacher
+                splits[split].add(hashes[i], ids, target, labels[i])
+            if cols["prompt"][i].is_valid and len(cols["prompt_ids"][i]):
+                prompts["split"].append(split)
                 prompts["id"].append(hashes[i])
                 prompts["prompt"].append(cols["prompt"][i].as_py())
                 prompts["prompt_ids"].append(
@@ -360,9 +363,11 @@ def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
     return {
         "documents": n_docs,
         "dropped": dropped,
+        "truncated": truncated,  # kept, cut to seq_len (prepare.drop_longer: false)
         "drop_examples": examples,
         "rows": {s: splits[s].rows for s in SPLITS},
         "tokens": {s: splits[s].tokens for s in SPLITS},
         "loss_tokens": {s: splits[s].loss_tokens for s in SPLITS},
-        "prompts": len(prompts["id"]),
+        "prompts": prompts["split"].count("train"),
+        "prompts_validation": prompts["split"].count("validation"),
     }

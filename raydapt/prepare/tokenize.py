@@ -35,6 +35,7 @@ class Doc:
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     answer: str | None = None
+    truncated: bool = False
 
 
 class Tokenize:
@@ -89,6 +90,7 @@ class Tokenize:
                 "prompt_ids",
                 "answer",
                 "where",
+                "truncated",
             )
         }
         for row, where in rows:
@@ -102,6 +104,7 @@ class Tokenize:
             out["prompt"].append(doc.prompt if doc else None)
             out["prompt_ids"].append(np.asarray((doc.prompt_ids if doc else None) or [], np.int32))
             out["answer"].append(doc.answer if doc else None)
+            out["truncated"].append(bool(doc and doc.truncated))
         return pa.table(
             {
                 "hash": pa.array(out["hash"], pa.string()),
@@ -113,6 +116,7 @@ class Tokenize:
                 "prompt": pa.array(out["prompt"], pa.string()),
                 "prompt_ids": pa.array(out["prompt_ids"], pa.list_(pa.int32())),
                 "answer": pa.array(out["answer"], pa.string()),
+                "truncated": pa.array(out["truncated"], pa.bool_()),
             }
         )
 
@@ -123,8 +127,10 @@ class Tokenize:
         try:
             if "messages" in row and row["messages"] is not None:
                 parts = self._messages(row["messages"])
-            elif "prompt" in row and "response" in row and row["prompt"] is not None:
+            elif "prompt" in row and row.get("response") is not None:
                 parts = self._prompt_response(row["prompt"], row["response"])
+            elif "prompt" in row and "text" not in row:
+                parts = self._prompt_only(row["prompt"])
             elif "text" in row:
                 parts = self._text(row["text"])
             else:
@@ -137,7 +143,8 @@ class Tokenize:
             label = -1
         if not isinstance(label, int) or isinstance(label, bool):
             return None, "malformed"
-        if len(ids) > o["seq_len"]:
+        truncated = len(ids) > o["seq_len"]
+        if truncated:
             if o["drop_longer"]:
                 return None, "too_long_tokens"
             ids, target = ids[: o["seq_len"]], target[: o["seq_len"]]
@@ -145,7 +152,7 @@ class Tokenize:
         h = hashlib.sha256(content.encode()).hexdigest()[:20]
         prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else None
         answer = row.get("answer") if isinstance(row.get("answer"), str) else None
-        return Doc(h, ids, target, label, prompt, prompt_ids, answer), ""
+        return Doc(h, ids, target, label, prompt, prompt_ids, answer, truncated), ""
 
     def _check_str(self, s: Any) -> str:
         if not isinstance(s, str):
@@ -170,8 +177,18 @@ class Tokenize:
         ids = self._encode(self._check_str(text), True) + self._eos()
         return ids, [0] + [1] * (len(ids) - 1), None
 
+    def _prompt_only(self, prompt: Any):
+        """A prompt for the teacher to answer (teach.kind generate): nothing to learn yet."""
+        p_ids = self._encode(self._prompt_text(self._check_str(prompt)), True)
+        return p_ids, [0] * len(p_ids), p_ids
+
     def _prompt_response(self, prompt: Any, response: Any):
         prompt, response = self._check_str(prompt), self._check_str(response)
+        p_ids = self._encode(self._prompt_text(prompt), True)
+        r_ids = self._encode(response, False) + self._eos()
+        return p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids), p_ids
+
+    def _prompt_text(self, prompt: str) -> str:
         if self._wrap:
             ptext = self._wrap[0] + prompt + self._wrap[1]
         elif self.use_template:
@@ -180,9 +197,7 @@ class Tokenize:
             )
         else:
             ptext = prompt + "\n"
-        p_ids = self._encode(ptext, True)
-        r_ids = self._encode(response, False) + self._eos()
-        return p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids), p_ids
+        return ptext
 
     def _messages(self, messages: Any):
         if not isinstance(messages, list) or not messages:

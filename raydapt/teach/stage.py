@@ -107,13 +107,12 @@ def load_rows(cfg: JobConfig, prepared: Path) -> pa.Table:
     if cfg.teach.kind == "score":
         splits = ["train", "validation"] if cfg.teach.split == "all" else [cfg.teach.split]
         files = [f for s in splits for f in sorted(glob.glob(str(prepared / s / "*.parquet")))]
-        cols = ["id", "input_ids", "loss_mask"]
+        tables = [pq.read_table(f, columns=["id", "input_ids", "loss_mask"]) for f in files]
         what = f"{'+'.join(splits)} split"
     else:
         files = sorted(glob.glob(str(prepared / "prompts" / "*.parquet")))
-        cols = ["id", "prompt", "prompt_ids"]
-        what = "prompts (prompts/*.parquet)"
-    tables = [pq.read_table(f, columns=cols) for f in files]
+        tables = [_prompts_of_split(pq.read_table(f), cfg.teach.split) for f in files]
+        what = f"{cfg.teach.split} prompts (prompts/*.parquet)"
     rows = pa.concat_tables(tables) if tables else None
     if rows is None or rows.num_rows == 0:
         hint = (
@@ -123,6 +122,15 @@ def load_rows(cfg: JobConfig, prepared: Path) -> pa.Table:
         )
         raise UserError(f"teach: the prepared data at {prepared} has no {what} to teach ({hint})")
     return rows
+
+
+def _prompts_of_split(table: pa.Table, split: str) -> pa.Table:
+    """The prompts of `split` (train | validation | all); older prompts/ hold train only."""
+    if split != "all" and "split" in table.column_names:
+        table = table.filter(pa.compute.equal(table.column("split"), split))
+    elif split == "validation":
+        table = table.slice(0, 0)
+    return table.select(["id", "prompt", "prompt_ids"])
 
 
 def check_lengths(cfg: JobConfig, rows: pa.Table, max_model_len: int) -> None:

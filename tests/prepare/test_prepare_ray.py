@@ -156,3 +156,36 @@ def test_leftover_tmp_folder_is_ignored(tmp_path, tiny_model_dir, ray_cluster):
     m = run_stage("prepare", cfg)
     assert m["documents"] == 20 and not stale.exists()
     assert read_manifest(cfg.out / "prepared")["complete"] is True
+
+
+def test_prompt_only_rows_feed_the_teacher_not_the_packs(tmp_path, tiny_model_dir, ray_cluster):
+    """An open instruction (a prompt with no response) is a prompt for teacher generation in
+    its split, and never a training row: it has nothing to learn from until answered."""
+    f = tmp_path / "c.jsonl"
+    rows = [{"prompt": f"tell me about {i}"} for i in range(40)]
+    rows += [{"prompt": f"add {i} 2", "response": f"#### {i + 2}"} for i in range(20)]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = make_cfg(tmp_path, tiny_model_dir, [f], pack=False, val_fraction=0.3)
+    m = run_stage("prepare", cfg)
+    assert m["documents"] == 60 and m["prompts"] + m["prompts_validation"] == 60
+    assert m["prompts_validation"] > 0
+    packed = read_split(cfg.out, "train").num_rows + read_split(cfg.out, "validation").num_rows
+    assert packed == 20  # only the prompt+response rows
+    prompts = pq.read_table(cfg.out / "prepared" / "prompts")
+    assert set(prompts.column("split").to_pylist()) == {"train", "validation"}
+    open_ones = [p for p in prompts.to_pylist() if p["prompt"].startswith("tell me")]
+    assert len(open_ones) == 40 and all(p["answer"] is None for p in open_ones)
+
+
+def test_truncated_rows_are_counted(tmp_path, tiny_model_dir):
+    """With drop_longer false a long document is cut to seq_len and kept, and counted."""
+    from raydapt.config import PrepareConfig
+    from raydapt.prepare.stage import write_prepared
+    from raydapt.prepare.tokenize import Tokenize
+
+    pcfg = PrepareConfig(seq_len=16, drop_longer=False, val_fraction=0.0)
+    rules = Tokenize(str(tiny_model_dir), {**pcfg.__dict__, "format": "jsonl"})
+    lines = [json.dumps({"text": " ".join(["a b c d"] * 20)}), json.dumps({"text": "short one"})]
+    stats = write_prepared([rules(pa.table({"text": lines}))], tmp_path, pcfg)
+    assert stats["truncated"] == 1 and stats["documents"] == 2
+    assert stats["dropped"]["too_long_tokens"] == 0
