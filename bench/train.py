@@ -10,6 +10,7 @@ compared. Goal: raydapt / plain >= 0.9.
 
     .venv/bin/python bench/train.py                     # tiny preset, batch 16, seq 128, 30 steps
     .venv/bin/python bench/train.py --preset small --runs 3 --kd-memory
+    .venv/bin/python bench/train.py --model runs/smollm2-distill/models/student --batch 8
 """
 
 from __future__ import annotations
@@ -32,18 +33,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def build(root: Path, preset: str, seq_len: int, n_rows: int):
-    import test_train
-    from test_train import SEQ_LEN, prepared_rows, write_prepared  # noqa: F401 - the test helpers
+def build(root: Path, preset: str, seq_len: int, n_rows: int, model: str = ""):
+    """A model (the preset built here, or `model`) and `n_rows` full rows of `seq_len` tokens:
+    the world's text through the model's tokenizer, packed end to end."""
+    from builders import write_train_prepared
 
-    from raydapt.models import init_model
+    from raydapt.models import init_model, load_tokenizer
     from raydapt.world import write_world
 
-    test_train.SEQ_LEN = seq_len
-    write_world(root / "world", n_train=n_rows, n_heldout=20, n_markov=n_rows // 4, seed=0)
-    model = init_model(preset, root / "world" / "train.jsonl", root / "model")
-    rows = prepared_rows(root / "world", model, limit=n_rows)
-    return model, rows, write_prepared
+    write_world(root / "world", n_train=n_rows * 4, n_heldout=20, n_markov=n_rows, seed=0)
+    corpus = root / "world" / "train.jsonl"
+    model_dir = Path(model) if model else init_model(preset, corpus, root / "model")
+    tok = load_tokenizer(model_dir)
+    stream: list[int] = []
+    for line in corpus.read_text().splitlines():
+        r = json.loads(line)
+        text = r.get("text") or (r["prompt"] + "\n" + r["response"])
+        stream += tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    rows = [
+        (f"r{i:05d}", stream[i * seq_len : (i + 1) * seq_len], [1] * (seq_len - 1) + [0], -1)
+        for i in range(min(n_rows, len(stream) // seq_len))
+    ]
+    return model_dir, rows, write_train_prepared
 
 
 def plain_loop(model_dir: str, batches: list, lr: float, betas: list, skip: int) -> dict:
@@ -86,11 +97,31 @@ def raydapt_run(cfg, skip: int) -> dict:
     return {"tokens_per_s": statistics.median(rates), "wall_s": wall, "loss": m[-1]["loss"]}
 
 
+def _params(model_dir: Path) -> int:
+    """Parameter count from the safetensors headers (6 x params x tokens: the FLOPs a step
+    spends on weights; attention's own T^2 term is left out, so the figure is a floor)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                size = 1
+                for d in shape:
+                    size *= d
+                n += size
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument(
+        "--model", default="", help="a model folder instead of the preset (e.g. a pruned SmolLM2)"
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
@@ -113,7 +144,7 @@ def main() -> None:
     from raydapt.train.data import micro_batch_rows
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    model, rows, write_prepared = build(root, a.preset, a.seq_len, n_rows=max(400, a.batch * 8))
+    model, rows, write_prepared = build(root, a.preset, a.seq_len, max(400, a.batch * 8), a.model)
     ray.init(num_cpus=8, include_dashboard=False, object_store_memory=1 << 30)
     train = {
         "num_workers": 1,
@@ -165,12 +196,16 @@ def main() -> None:
             f"{base[-1]['threads']} threads)",
             flush=True,
         )
+    params = _params(Path(model))
     r = statistics.median(x["tokens_per_s"] for x in ours)
     p = statistics.median(x["tokens_per_s"] for x in base)
     print(
         json.dumps(
             {
-                "preset": a.preset,
+                "model": a.model or a.preset,
+                "params": params,
+                "raydapt_gflops": round(6 * params * r / 1e9, 1),
+                "plain_gflops": round(6 * params * p / 1e9, 1),
                 "batch": a.batch,
                 "seq_len": a.seq_len,
                 "steps": a.steps,

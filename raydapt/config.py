@@ -185,7 +185,11 @@ class TrainConfig:
     jsd_beta: float = _f(
         0.5, "distill: beta of the generalized JSD, in [0, 1] (0: forward KL, 1: reverse KL)."
     )
-    kd_chunk: int = _f(128, "distill: sequence chunk for full-vocabulary losses (memory bound).")
+    kd_chunk: int = _f(
+        128,
+        "Positions per chunk of the losses taken from hidden states (CE and top-k KD: the "
+        "(B, T, V) logits never exist whole) and of full-vocabulary KD; bounds memory.",
+    )
 
 
 @dataclass

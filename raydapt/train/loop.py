@@ -52,6 +52,7 @@ from raydapt.train.fsdp import (
     shard_model,
     world,
 )
+from raydapt.train.heads import prepare_hidden_losses
 from raydapt.train.metrics import MetricsLog
 from raydapt.train.modes import build_student, is_classification, load_teacher, trainable
 from raydapt.train.objective import Objective, build_objective, objective_class
@@ -192,6 +193,7 @@ def setup(plan: TrainPlan, tc: TrainConfig, device: torch.device):
         teacher = load_teacher(plan.teacher_path, model.config.vocab_size).to(device)
         shard_model(teacher, precision)
     shard_model(model, precision)
+    prepare_hidden_losses(model)  # after sharding: registered as an FSDP forward method
     params = trainable(model)
     optim = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, tc))

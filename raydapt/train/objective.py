@@ -28,7 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydapt.config import TrainConfig
-from raydapt.train.losses import KD, ce_loss, distill_loss, full_kd_loss, topk_kd_loss
+from raydapt.train.heads import from_hidden, supports_hidden
+from raydapt.train.losses import (
+    KD,
+    ce_loss,
+    chunked_ce_from_hidden,
+    chunked_distill_from_hidden,
+    distill_loss,
+    full_kd_loss,
+    topk_kd_loss,
+)
 from raydapt.train.modes import is_classification
 
 Batch = dict[str, Tensor]
@@ -48,13 +57,21 @@ class Objective:
         raise NotImplementedError
 
 
+@dataclass(frozen=True, eq=False)
 class NextToken(Objective):
-    """Masked next-token cross-entropy."""
+    """Masked next-token cross-entropy, from the hidden states a `chunk` of positions at a
+    time where the head allows it (raydapt.train.heads), so the logits never exist whole."""
+
+    chunk: int | None = 128
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
-        ids = batch["input_ids"]  # (B, T)
-        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        ce = ce_loss(logits, ids, batch["loss_mask"])
+        ids, mask = batch["input_ids"], batch["loss_mask"]  # (B, T)
+        if supports_hidden(model):
+            ce = from_hidden(
+                model, ids, lambda h, w: chunked_ce_from_hidden(h, w, ids, mask, self.chunk)
+            )
+        else:
+            ce = ce_loss(model(input_ids=ids, use_cache=False).logits, ids, mask)
         return ce, {"ce": ce.detach()}
 
 
@@ -102,7 +119,20 @@ class Distill(Objective):
 
 @dataclass(frozen=True, eq=False)
 class TopKDistill(Distill):
-    """KD against the stored teacher top-k, exact over k ids plus a tail bucket."""
+    """KD against the stored teacher top-k, exact over k ids plus a tail bucket; KD and CE
+    share one head matmul per chunk of hidden states where the head allows it."""
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
+        if not supports_hidden(model):
+            return super().__call__(model, batch)
+        ids, mask = batch["input_ids"], batch["loss_mask"]
+        top_ids, top_lp = batch["topk_ids"], batch["topk_logprobs"]  # (B, T, k)
+
+        def both(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+            return chunked_distill_from_hidden(h, w, ids, mask, top_ids, top_lp, self.kd)
+
+        kd, ce = from_hidden(model, ids, both)
+        return distill_loss(kd, ce, self.alpha)
 
     def kd_term(self, logits: Tensor, batch: Batch) -> Tensor:
         ids, lp = batch["topk_ids"], batch["topk_logprobs"]  # (B, T, k)
@@ -147,4 +177,6 @@ def build_objective(
         return OnlineDistill(kd_of(tc), tc.kd_alpha, teacher)
     if cls is TopKDistill:
         return TopKDistill(kd_of(tc), tc.kd_alpha)
+    if cls is NextToken:
+        return NextToken(tc.kd_chunk)
     return cls()

@@ -122,6 +122,26 @@ def test_pruned_student_trains_on_two_fsdp_workers(real, smollm2_dir):
     assert model.model.embed_tokens.weight is model.lm_head.weight  # still tied after FSDP
 
 
+def test_fsdp_two_workers_match_one_process_on_this_architecture(real):
+    """Tied embeddings and grouped-query attention under FSDP2: 2 workers x batch 4 take the
+    same steps as one process x batch 8 on the same rows."""
+    job = real["job"]
+    local = derived(
+        job, "local", share=("prepared", "targets"), train={"num_workers": 0, "batch_size": 8}
+    )
+    run_stage("train", local)
+    a, b = (
+        [json.loads(x) for x in (layout.train_dir(j) / "metrics.jsonl").read_text().splitlines()]
+        for j in (job, local)
+    )
+    train_steps = [(x["step"], x["loss"], x["tokens"]) for x in a if "loss" in x]
+    local_steps = [(x["step"], x["loss"], x["tokens"]) for x in b if "loss" in x]
+    assert len(train_steps) == len(local_steps) == 3
+    for (s1, l1, t1), (s2, l2, t2) in zip(train_steps, local_steps, strict=True):
+        assert s1 == s2 and t1 == t2
+        assert abs(l1 - l2) < 1e-3 * max(1.0, abs(l2)), (s1, l1, l2)
+
+
 def test_agreement_with_the_teacher_on_held_out_answers(real):
     manifest, _ = final_table(real["heldout_cfg"])
     assert manifest["split"] == "validation"
@@ -131,3 +151,35 @@ def test_agreement_with_the_teacher_on_held_out_answers(real):
     assert student["teacher_kl"] > 10 * teacher["teacher_kl"]
     assert student["teacher_nll"] > teacher["teacher_nll"]
     assert 0 <= student["top1_agreement"] < teacher["top1_agreement"]
+
+
+def test_served_chat_uses_the_template_and_stops_at_end_of_turn(
+    smollm2_dir, tmp_path_factory, ray_session
+):
+    """The official openai client against Ray Serve on the imported model: the chat template
+    is applied server-side and generation stops at <|im_end|>, which never leaks into text."""
+    from builders import free_port
+    from openai import OpenAI
+    from ray import serve
+
+    ray_session()
+    cfg = job_from_dict(
+        {
+            "output_dir": str(tmp_path_factory.mktemp("serve_real")),
+            "serve": {"name": "smollm2", "port": free_port(), "max_model_len": 256},
+        }
+    )
+    url = run_stage("serve", cfg, model_dir=str(smollm2_dir), block=False)["url"]
+    try:
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        r = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=48,
+            temperature=0,
+        )
+    finally:
+        serve.shutdown()
+    answer = r.choices[0].message.content
+    assert "Paris" in answer and "<|im_end|>" not in answer and "<|im_start|>" not in answer
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 48
