@@ -10,6 +10,7 @@ see the same batches in the same order, so the per-seed difference is the figure
     .venv/bin/python bench/real_models.py                          # keep_every 3, seeds 0 1 2
     .venv/bin/python bench/real_models.py --keep-every 6 3 2 --seeds 0
     .venv/bin/python bench/real_models.py --out runs/bench-real    # reuses what is up to date
+    .venv/bin/python bench/real_models.py --lora    # exact match before and after LoRA
 
 Prints one row per run and the paired KD - CE differences (negative nll and kl: KD better).
 About 5 minutes per student run on 2 cores, plus 5 minutes of teacher work once.
@@ -39,10 +40,17 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench-real", help="output folder (reused)")
     ap.add_argument("--keep-every", type=int, nargs="+", default=[3])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--lora",
+        action="store_true",
+        help="instead: jobs/smollm2-lora.yaml, exact match of SmolLM2 before and after LoRA",
+    )
     ap.add_argument("overrides", nargs="*", help="job overrides, e.g. train.max_steps=120")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.lora:
+        return lora(args)
 
     from raydapt import layout
     from raydapt.cluster import connect
@@ -103,6 +111,36 @@ def main() -> int:
             }
         )
     print(table(diffs, ["layers", *(f"d_{m}" for m in METRICS), "per_seed_d_nll"]))
+    return 0
+
+
+def lora(args: argparse.Namespace) -> int:
+    """Exact match on held-out problems of one world task: SmolLM2 as imported, then with the
+    LoRA adapter the job trains (merged), each through its chat template, greedy."""
+    from raydapt import layout
+    from raydapt.cluster import connect
+    from raydapt.config import load_job
+    from raydapt.pipeline import run_stage
+    from raydapt.report import table
+    from raydapt.sources import build_model
+
+    job = load_job(
+        ROOT / "jobs" / "smollm2-lora.yaml",
+        [f"output_dir={Path(args.out).absolute()}-lora", *args.overrides],
+    )
+    connect(job.cluster, None)
+    run_stage("prepare", job)
+    base = run_stage("eval", job, model_dir=build_model(job, "student"), name="before")
+    t = time.perf_counter()
+    run_stage("train", job)
+    train_s = time.perf_counter() - t
+    after = run_stage("eval", job, model_dir=layout.export_dir(job), name="after")
+    cols = ["model", "exact_match", "heldout_loss", "problems"]
+    rows = [{**base, "model": "SmolLM2 as imported"}, {**after, "model": "+ LoRA (merged)"}]
+    print(f"\nLoRA train: {train_s:.0f} s for {job.train.max_steps} steps")
+    print(table(rows, cols))
+    for r in (base, after):
+        print(r["samples"][0])
     return 0
 
 

