@@ -112,7 +112,7 @@ def load_rows(cfg: JobConfig, prepared: Path) -> pa.Table:
     else:
         files = sorted(glob.glob(str(prepared / "prompts" / "*.parquet")))
         tables = [_prompts_of_split(pq.read_table(f), cfg.teach.split) for f in files]
-        what = f"{cfg.teach.split} prompts (prompts/*.parquet)"
+        what = f"prompts of teach.split={cfg.teach.split} (prompts/*.parquet)"
     rows = pa.concat_tables(tables) if tables else None
     if rows is None or rows.num_rows == 0:
         hint = (
