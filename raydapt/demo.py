@@ -151,18 +151,18 @@ def run_demo(cfg: JobConfig) -> dict:
             {**run_stage("eval", job, model_dir=model, name=name.replace(" ", "_")), "model": name}
             for name, (job, model) in models.items()
         ]
-    url = answer = None
+    url = answer = asked = None
     if "serve" in cfg.stages:
         step(6, "serve the KD student over HTTP and ask it one question")
         with clock.timed("serve + ask"):
-            url, answer = _serve_and_ask(cfg, question(cfg))
+            url, answer = _serve_and_ask(cfg, asked := question(cfg))
     curves = {
         name: report.read_metrics(layout.train_dir(job) / "metrics.jsonl")
         for name, (job, _) in models.items()
         if name != "teacher"
     }
     curves = {"teacher": report.read_metrics(teacher_dir.parent / "metrics.jsonl"), **curves}
-    return _finish(cfg, clock, rows, curves, url, answer)
+    return _finish(cfg, clock, rows, curves, url, asked, answer)
 
 
 def _finish(
@@ -171,6 +171,7 @@ def _finish(
     rows: list[dict],
     curves: dict[str, list[dict]],
     url: str | None,
+    asked: str | None,
     answer: str | None,
 ) -> dict:
     """Write the report and timings, then print the table and the served answer last."""
@@ -202,7 +203,7 @@ def _finish(
     clock.timings["total"] = round(time.perf_counter() - clock.t0, 1)
     notes = [
         f"Markov entropy floor: {floor:.4f} nats/token." if floor else "",
-        f"Served KD student answered {question(cfg)!r} with: {answer!r}" if answer else "",
+        f"Served KD student answered {asked!r} with: {answer!r}" if answer else "",
         f"Wall time {clock.timings['total']:.0f} s.",
     ]
     write_json_atomic(cfg.out / "timings.json", clock.timings)
@@ -220,7 +221,7 @@ def _finish(
             f"{floor:.4f} nats/token"
         )
     if answer is not None:
-        print(f"served KD student at {url}: {question(cfg)!r} -> {answer!r}")
+        print(f"served KD student at {url}: {asked!r} -> {answer!r}")
     return {"rows": rows, "report": str(path), "timings": clock.timings}
 
 

@@ -29,6 +29,7 @@ from raydapt.errors import UserError
 from raydapt.storage import (
     atomic_dir,
     finish_manifest,
+    hash_file,
     hash_json,
     output_lock,
     read_manifest,
@@ -254,7 +255,7 @@ def import_gguf(src: Path, out: Path) -> Path:
     check_gguf(src)
     start = time.monotonic()
     log.info("import-model: hashing %s (%.0f MB)", src, src.stat().st_size / 1e6)
-    digest = _sha256_file(src)
+    digest = hash_file(src, digits=64)
     model, tokenizer = _load_gguf(src)
     log.info("import-model: loaded in %.0f s; writing %s", time.monotonic() - start, out)
     with atomic_dir(out) as tmp:
@@ -286,17 +287,6 @@ def import_gguf(src: Path, out: Path) -> Path:
         manifest["seconds"],
     )
     return out
-
-
-def _sha256_file(path: Path) -> str:
-    """Full sha256 hex of a file (storage.hash_file keeps only 16 hex digits)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_gguf(src: Path) -> tuple[Any, Any]:

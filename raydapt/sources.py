@@ -147,7 +147,7 @@ def build_model(job: JobConfig, role: str) -> Path:
     out = layout.models_dir(job) / role
     if spec.path and imports.is_importable(spec.path):
         try:
-            if imports.read_manifest(imports.cached_folder(spec.path)) is None:
+            if read_manifest(imports.cached_folder(spec.path)) is None:
                 print(f"[raydapt] importing {spec.path} into {imports.cache_root()} (once)")
             return imports.ensure_imported(spec.path)
         except UserError as e:

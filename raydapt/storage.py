@@ -36,12 +36,13 @@ def hash_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())[:16]
 
 
-def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def hash_file(path: str | os.PathLike, chunk: int = 1 << 20, digits: int = 16) -> str:
+    """sha256 of a file's bytes, hex, cut to `digits` (64: the whole digest)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:digits]
 
 
 def hash_files(paths: list[Path]) -> str:

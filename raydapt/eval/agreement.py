@@ -28,8 +28,9 @@ from raydapt.targets import read_targets
 from raydapt.train.losses import KD, ce_loss, topk_kd_loss
 
 
-def read_heldout_targets(folder: str | Path) -> pa.Table:
-    """The scored rows of a complete targets folder; a folder without top-k is refused."""
+def read_heldout_targets(folder: str | Path) -> tuple[dict, pa.Table]:
+    """The manifest and scored rows of a complete targets folder; a folder without top-k is
+    refused."""
     manifest, files = read_targets(folder)
     table = pa.concat_tables(pq.read_table(f) for f in files) if files else None
     if table is None or table.num_rows == 0 or "topk_ids" not in table.column_names:
@@ -42,7 +43,7 @@ def read_heldout_targets(folder: str | Path) -> pa.Table:
             f"eval.teacher_targets: {folder} was written for teach.split="
             f"{manifest.get('split')!r}; use held-out targets (teach.split=validation)"
         )
-    return table
+    return manifest, table
 
 
 def agreement(model: Any, table: pa.Table, pad_id: int, batch_size: int = 8) -> dict[str, float]:

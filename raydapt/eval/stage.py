@@ -112,9 +112,8 @@ def _targets_stamp(folder: str) -> str | None:
 
 def teacher_agreement(model_dir: Path, targets: str) -> dict:
     """teacher_nll, teacher_kl and top1_agreement on the teacher's held-out answers."""
-    table = read_heldout_targets(targets)
+    manifest, table = read_heldout_targets(targets)
     tok = load_tokenizer(model_dir)
-    manifest = read_manifest(targets) or {}
     if manifest.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
         raise UserError(
             f"eval.teacher_targets: {targets} were written with tokenizer "

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from builders import final_table
+from builders import final_table, train_metrics
 
 from raydapt import layout
 from raydapt.config import job_from_dict
@@ -113,10 +113,7 @@ def test_pruned_student_trains_on_two_fsdp_workers(real, smollm2_dir):
     config = json.loads((export / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["num_key_value_heads"] == 3
     assert config["tie_word_embeddings"] and config["vocab_size"] == 49152
-    metrics = [
-        json.loads(line)
-        for line in (layout.train_dir(job) / "metrics.jsonl").read_text().splitlines()
-    ]
+    metrics = train_metrics(job)
     assert metrics[-1]["step"] == 3 and np.isfinite(metrics[-1]["loss"])
     model = AutoModelForCausalLM.from_pretrained(export)
     assert model.model.embed_tokens.weight is model.lm_head.weight  # still tied after FSDP
@@ -130,10 +127,7 @@ def test_fsdp_two_workers_match_one_process_on_this_architecture(real):
         job, "local", share=("prepared", "targets"), train={"num_workers": 0, "batch_size": 8}
     )
     run_stage("train", local)
-    a, b = (
-        [json.loads(x) for x in (layout.train_dir(j) / "metrics.jsonl").read_text().splitlines()]
-        for j in (job, local)
-    )
+    a, b = train_metrics(job), train_metrics(local)
     train_steps = [(x["step"], x["loss"], x["tokens"]) for x in a if "loss" in x]
     local_steps = [(x["step"], x["loss"], x["tokens"]) for x in b if "loss" in x]
     assert len(train_steps) == len(local_steps) == 3
