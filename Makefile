@@ -53,8 +53,9 @@ test: setup  ## run the test suite on a real local Ray cluster
 test-fast: setup  ## tests without vLLM engines or multi-process jobs
 	$(BIN)/python -m pytest -x -q -m "not slow" tests
 
-bench: setup  ## run every benchmark (minutes); results go to bench/RESULTS.md by hand
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+bench: setup  ## run every benchmark (an hour or more); figures and goals go to bench/results.json
+	for b in bench/[a-z]*.py; do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python bench/_results.py
 
 lint: setup
 	$(BIN)/ruff check raydapt tests bench

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _results import record  # noqa: E402 - bench/ is the script's folder
+
 from raydapt.train import losses as L  # noqa: E402
 
 VARIANTS = {
@@ -180,10 +182,14 @@ def main() -> None:
             f" MiB  loss {med[name]['loss']:.4f}  | {what}",
             flush=True,
         )
+    figures = []
     for num, den, what in RATIOS:
         peak = med[num]["peak_mib"] / med[den]["peak_mib"]
         step = med[num]["step_mib"] / max(med[den]["step_mib"], 1e-9)
         print(f"{num}/{den}: peak {peak:.2f}x  step {step:.2f}x  | {what}")
+        goal = "<= 1.2" if "goal <= 1.2" in what else ""
+        figures.append((f"B={a.B} T={a.T} V={a.V}: peak {num} / {den}", peak, goal))
+    record("kd_memory", figures, {k: v for k, v in vars(a).items() if k != "child"})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import record  # bench/ is the script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,6 +56,12 @@ def main() -> int:
     ):
         print(f"{stage:<16} {sec:>8.1f} {sec / total:>7.1%}")
     print(f"{'total':<16} {total:>8.1f}   (process wall {wall:.1f} s, Ray start-up included)")
+    record(
+        "pipeline",
+        [("raydapt demo, total seconds", total, "")]
+        + [(f"{k} seconds", v, "") for k, v in t.items()],
+        {"overrides": args.overrides},
+    )
     busy = (pool.get("pool") or {}).get("busy_s")
     if busy and pool.get("seconds"):
         share = 1 - busy / pool["seconds"]

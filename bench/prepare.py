@@ -24,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per proce
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyarrow as pa  # noqa: E402
+from _results import record  # noqa: E402 - bench/ is the script's folder
 
 from raydapt import prepare  # noqa: E402
 from raydapt.config import job_from_dict  # noqa: E402
@@ -126,6 +127,19 @@ def main() -> None:
         print(f"raydapt prepare   {a:>12,.0f} tokens/s (median of {args.runs})")
         print(f"single process    {b:>12,.0f} tokens/s (median of {args.runs})")
         print(f"ratio             {a / b:>12.2f}x  (goal >= 1.5x)")
+        record(
+            "prepare",
+            [
+                ("raydapt / single process, tokens/s", a / b, ">= 1.5"),
+                ("raydapt tokens/s", a, ""),
+                ("single process tokens/s", b, ""),
+            ],
+            {
+                "corpus_mb": round(path.stat().st_size / 2**20, 1),
+                "runs": args.runs,
+                "workers": args.workers,
+            },
+        )
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _probe import ENGINE_ENV_PREFIXES, probe_actor  # noqa: E402 - bench/ is the script's folder
+from _results import record  # noqa: E402 - bench/ is the script's folder
 
 NAME = "small"
 MAX_LEN = 512
@@ -366,6 +367,14 @@ def main() -> None:
         + "".join(f"; c={x['concurrency']} {'met' if x['goals_met'] else 'NOT met'}" for x in rows)
     )
     print(f"both sides: {describe(sides['raw']).split(': ', 1)[1]}")
+    figures = []
+    for x in rows:
+        c = x["concurrency"]
+        figures += [
+            (f"c={c}: raydapt / raw vllm serve, req/s", x["rps_ratio"], ">= 0.9"),
+            (f"c={c}: raydapt / raw vllm serve, p99 latency", x["p99_ratio"], "<= 1.2"),
+        ]
+    record("serve", figures, {"both sides": describe(sides["raw"]).split(": ", 1)[1]})
     if args.out:
         args.out.write_text(
             json.dumps(

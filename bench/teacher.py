@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _probe import probe_actor, scoped_env  # noqa: E402 - bench/ is the script's folder
+from _results import record  # noqa: E402 - bench/ is the script's folder
 
 K = 16
 SEQ = 128
@@ -429,6 +430,21 @@ def main() -> None:
         f"(whole run {report['score_vs_best_span']:.2f}x)"
     )
     print(f"targets at k={K}: {s['bytes_per_token']:.1f} bytes/token (goal <= 100)")
+    record(
+        "teacher",
+        [
+            ("generate: pool / raw LLM.generate, per batch", report["gen_ratio_batch"], ">= 0.9"),
+            (
+                f"score: pool / better of raw vLLM and HF ({best_name}), per batch",
+                report["score_vs_best_batch"],
+                ">= 0.9",
+            ),
+            ("score: pool / raw vLLM, per batch", report["score_ratio_batch"], ""),
+            ("score: pool / HF forward + top-k, per batch", report["score_vs_hf_batch"], ""),
+            (f"targets bytes/token at k={K}", s["bytes_per_token"], "<= 100"),
+        ],
+        {"pool": describe(settings), "raw": describe(raw_settings)},
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
 

@@ -31,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYDAPT_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _results import record  # noqa: E402 - bench/ is the script's folder
 
 
 def build(root: Path, preset: str, seq_len: int, n_rows: int, model: str = ""):
@@ -128,6 +129,12 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument(
+        "--peak-gflops",
+        type=float,
+        default=160.0,
+        help="this CPU's fp32 peak on 2 threads (140-175 GFLOP/s measured): the GFLOP/s fraction",
+    )
+    ap.add_argument(
         "--cpus", type=float, default=2.0, help="train.cpus_per_worker and the baseline's num_cpus"
     )
     ap.add_argument(
@@ -199,24 +206,39 @@ def main() -> None:
     params = _params(Path(model))
     r = statistics.median(x["tokens_per_s"] for x in ours)
     p = statistics.median(x["tokens_per_s"] for x in base)
-    print(
-        json.dumps(
-            {
-                "model": a.model or a.preset,
-                "params": params,
-                "raydapt_gflops": round(6 * params * r / 1e9, 1),
-                "plain_gflops": round(6 * params * p / 1e9, 1),
-                "batch": a.batch,
-                "seq_len": a.seq_len,
-                "steps": a.steps,
-                "runs": a.runs,
-                "raydapt_tokens_per_s": round(r),
-                "plain_tokens_per_s": round(p),
-                "ratio": round(r / p, 3),
-                "goal": ">= 0.9",
-            },
-            indent=2,
-        )
+    name = Path(a.model).name if a.model else a.preset
+    peak = a.peak_gflops
+    summary = {
+        "model": a.model or a.preset,
+        "params": params,
+        "raydapt_gflops": round(6 * params * r / 1e9, 1),
+        "plain_gflops": round(6 * params * p / 1e9, 1),
+        "batch": a.batch,
+        "seq_len": a.seq_len,
+        "steps": a.steps,
+        "runs": a.runs,
+        "raydapt_tokens_per_s": round(r),
+        "plain_tokens_per_s": round(p),
+        "ratio": round(r / p, 3),
+        "goal": ">= 0.9",
+        "raydapt_fraction_of_peak": round(6 * params * r / 1e9 / peak, 3),
+        "plain_fraction_of_peak": round(6 * params * p / 1e9 / peak, 3),
+        "peak_gflops": peak,
+    }
+    print(json.dumps(summary, indent=2))
+    record(
+        "train",
+        [
+            (f"{name}: raydapt / plain loop, tokens/s", r / p, ">= 0.9"),
+            (f"{name}: raydapt GFLOP/s", summary["raydapt_gflops"], ""),
+            (f"{name}: plain loop GFLOP/s", summary["plain_gflops"], ""),
+            (f"{name}: raydapt fraction of fp32 peak", summary["raydapt_fraction_of_peak"], ""),
+            (f"{name}: plain loop fraction of fp32 peak", summary["plain_fraction_of_peak"], ""),
+        ],
+        {
+            k: summary[k]
+            for k in ("model", "params", "batch", "seq_len", "steps", "runs", "peak_gflops")
+        },
     )
     ray.shutdown()
     kd = Path(__file__).with_name("kd_memory.py")

@@ -14,6 +14,8 @@ import os
 import shutil
 import time
 
+from _results import record  # bench/ is the script's folder
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -80,6 +82,11 @@ def main() -> None:
     )
     print(f"  4 sequential trains:  {seq_s:7.1f} s   val_loss {[round(v, 4) for v in seq_loss]}")
     print(f"  ratio sequential/sweep: {seq_s / sweep_s:.2f}x")
+    record(
+        "tune",
+        [("4 sequential trains / sweep of 4 (2 concurrent), wall", seq_s / sweep_s, ">= 1.0")],
+        {"steps": args.steps, "trials": len(LRS), "max_concurrent_trials": 2},
+    )
 
 
 if __name__ == "__main__":
