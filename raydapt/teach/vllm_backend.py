@@ -56,6 +56,31 @@ class VLLMBackend:
             seed=spec.seed,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.model_dir = spec.model
+        self.weight_version: int | str = 0  # bumped by every load_weights
+
+    def load_weights(self, payload: dict, version: int | str) -> float:
+        """Take a trainer's weights in place (raydapt.teach.weights); seconds taken.
+
+        The payload is checked against this engine's checkpoint first, so a bad one raises
+        ValueError and leaves the engine serving its old weights.
+        """
+        from raydapt.teach.weights import check_payload, checkpoint_shapes, load_into_engine
+
+        if not hasattr(self, "_shapes"):
+            self._shapes = checkpoint_shapes(self.model_dir)
+            self._tied = bool(
+                getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False)
+            )
+        check_payload(payload, self._shapes, self._tied)
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+            raise RuntimeError(
+                "load_weights needs the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, "
+                "tensor_parallel_size 1): a multiprocess engine core receives tensors as lists"
+            )
+        seconds = load_into_engine(self.llm, payload, version)
+        self.weight_version = version
+        return seconds
 
     def score(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each (T,) row -> (T, k) top-k ids and logprobs (row t: distribution over token t+1)."""

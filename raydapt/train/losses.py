@@ -441,3 +441,34 @@ def distill_loss(
         terms.append(ce if alpha == 0.0 else (1.0 - alpha) * ce)
     loss = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     return loss, parts
+
+
+# ----------------------------------------------------------------------------- on-policy
+
+
+def sampled_reverse_kl(s_token_logp: Tensor, t_token_logp: Tensor, loss_mask: Tensor) -> Tensor:
+    """Per-token reverse KL on the student's own samples: the k1 estimator, as a loss.
+
+    s_token_logp, t_token_logp (B, T): log q and log p of the token the student sampled next
+    (position t: the token at t + 1); loss_mask (B, T) as everywhere here.
+
+    Why a surrogate: at a position where the student drew x ~ q, log q(x) - log p(x) is an
+    unbiased estimate of KL(q || p), and since E_q[grad log q] = 0,
+    grad KL(q || p) = E_q[(log q(x) - log p(x)) grad log q(x)]. So the loss is the mean over
+    masked positions of stopgrad(log q(x) - log p(x)) * log q(x): its gradient is the
+    estimator (unbiased only while the samples come from the current student at temperature
+    1; stale or tempered samples bias it). Its value is not the KL: log the mean of
+    log q - log p (`sampled_kl_estimate`) for that. Needs only one teacher log-prob per
+    token, so it works with any k, but its variance is what the exact top-k form avoids.
+    """
+    s = _compute_dtype(s_token_logp)
+    adv = (s - _compute_dtype(t_token_logp)).detach()
+    mask = loss_mask > 0
+    return torch.where(mask, adv * s, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+def sampled_kl_estimate(s_token_logp: Tensor, t_token_logp: Tensor, loss_mask: Tensor) -> Tensor:
+    """Mean over masked positions of log q(x) - log p(x): the k1 estimate of KL(q || p)."""
+    mask = loss_mask > 0
+    d = (_compute_dtype(s_token_logp) - _compute_dtype(t_token_logp)).detach()
+    return torch.where(mask, d, 0.0).sum() / mask.sum().clamp_min(1)
