@@ -24,8 +24,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.mode": ("full", "lora", "transfer", "distill"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.schedule": ("cosine", "linear", "constant"),
-    "train.teacher": ("offline", "online"),
-    "train.kd_loss": ("forward_kl", "reverse_kl", "jsd"),
+    "train.teacher": ("offline", "online", "on_policy"),
+    "train.kd_loss": ("forward_kl", "reverse_kl", "jsd", "reverse_kl_sampled"),
     "train.new_head": ("", "classification"),
     "train.placement_strategy": ("PACK", "SPREAD"),
     "serve.proxy_location": ("EveryNode", "HeadOnly"),
@@ -53,6 +53,10 @@ _POSITIVE = (
     "tune.num_samples",
     "tune.max_concurrent_trials",
     "eval.batch_size",
+    "rollout.num_actors",
+    "rollout.max_tokens",
+    "rollout.sync_every",
+    "rollout.temperature",
     "eval.max_new_tokens",
     "serve.min_replicas",
     "serve.max_ongoing_requests",
@@ -106,8 +110,33 @@ def validate(cfg: Any) -> list[str]:
         p.append("train.lora_targets: lora mode needs at least one target module")
     if cfg.train.mode == "transfer" and cfg.train.freeze_layers < 0:
         p.append("train.freeze_layers: must be >= 0")
+    p += _on_policy(cfg)
     for key, spec in cfg.tune.space.items():
         p += _validate_space_entry(key, spec, cfg.train)
+    return p
+
+
+def _on_policy(cfg: Any) -> list[str]:
+    """What on-policy distillation needs of the other settings."""
+    tc = cfg.train
+    if tc.teacher != "on_policy":
+        if tc.kd_loss == "reverse_kl_sampled":
+            return [
+                "train.kd_loss: reverse_kl_sampled needs the student's own samples; "
+                "set train.teacher: on_policy"
+            ]
+        return []
+    p = []
+    if tc.mode != "distill":
+        p.append(
+            f"train.teacher: on_policy is a distill teacher; set train.mode: distill "
+            f"(got {tc.mode!r})"
+        )
+    if tc.kd_alpha != 1.0:
+        p.append(
+            f"train.kd_alpha: on_policy trains on the student's own samples, where CE "
+            f"would reinforce its mistakes; set 1.0 (got {tc.kd_alpha})"
+        )
     return p
 
 

@@ -126,6 +126,21 @@ class TeachConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """train.teacher=on_policy: vLLM engines holding the student's current weights sample the
+    completions the teacher pool (teach.*) then scores and the trainer learns from."""
+
+    num_actors: int = _f(1, "Rollout engines (each one vLLM engine with the student's weights).")
+    cpus_per_actor: float = _f(1.0, "Logical CPUs each rollout actor reserves.")
+    gpus_per_actor: float = _f(0.0, "GPUs each rollout actor reserves (0 on CPU clusters).")
+    kv_cache_gib: float = _f(1.0, "KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE), GiB.")
+    temperature: float = _f(1.0, "Sampling temperature (1.0 keeps the k1 estimator unbiased).")
+    max_tokens: int = _f(64, "Maximum new tokens per completion.")
+    sync_every: int = _f(1, "Push the trainer's weights to the rollout engines every N steps.")
+    seed: int = _f(0, "Base seed; each completion's seed derives from it, the step and the row.")
+
+
+@dataclass
 class TrainConfig:
     """`raydapt train`: Ray Train workers with FSDP2."""
 
@@ -178,8 +193,16 @@ class TrainConfig:
     new_head: str = _f("", "transfer: '' keeps the LM head; `classification` adds a new one.")
     num_labels: int = _f(2, "transfer: classes of the new classification head.")
     # distill
-    teacher: str = _f("offline", "distill: offline (targets dataset) | online (teacher forward).")
-    kd_loss: str = _f("forward_kl", "distill: forward_kl | reverse_kl | jsd.")
+    teacher: str = _f(
+        "offline",
+        "distill: offline (targets dataset) | online (teacher forward in the trainer) | "
+        "on_policy (the student samples through vLLM, the teacher pool scores; see rollout.*).",
+    )
+    kd_loss: str = _f(
+        "forward_kl",
+        "distill: forward_kl | reverse_kl | jsd, over top-k + tail or the full vocabulary; "
+        "on_policy also: reverse_kl_sampled (per-token k1 estimator on the student's samples).",
+    )
     kd_alpha: float = _f(0.5, "distill: loss = alpha*KD + (1-alpha)*CE.")
     kd_temperature: float = _f(1.0, "distill: softmax temperature of the KD term.")
     jsd_beta: float = _f(
@@ -306,6 +329,7 @@ class JobConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     teach: TeachConfig = field(default_factory=TeachConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -116,6 +116,12 @@ def collate(
         batch["label"] = torch.from_numpy(labels)
     if "topk_ids" in sub.column_names:
         batch.update(_collate_topk(sub, lens, t))
+    if "teacher_token_logprob" in sub.column_names:  # on-policy rows: log p of each next token
+        lp, loff = _list_values(sub.column("teacher_token_logprob"))
+        out_lp = np.zeros((b, t), np.float32)
+        for i in range(b):
+            out_lp[i, : lens[i]] = lp[loff[i] : loff[i + 1]]
+        batch["teacher_token_logprob"] = torch.from_numpy(out_lp)
     return batch
 
 

@@ -111,6 +111,39 @@ class VLLMBackend:
             result[i] = (ids, lps)
         return result
 
+    def score_tokens(
+        self, seqs: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Each (T,) row -> (T, k) top-k ids and logprobs, and (T,) the log-prob of the row's
+        own next token (on-policy: the teacher's log p of each token the student sampled).
+
+        Unlike `score`, the whole row is the prompt, so T + 1 must fit the engine's
+        max_model_len; in exchange every position's actual token comes with its log-prob
+        whatever its rank (vLLM puts it first at each position).
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        k = self.k
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
+        prompts = [TokensPrompt(prompt_token_ids=[int(x) for x in s]) for s in seqs]
+        outs = self.llm.generate(prompts, sp, use_tqdm=False) if prompts else []
+        result = []
+        for seq, out in zip(seqs, outs, strict=True):
+            n = len(seq)
+            flat = out.prompt_logprobs
+            ids, lps = dense_from_flat(flat, n, k)  # row t: position t + 1; row n-1 padded
+            first = np.asarray(flat.start_indices[1:n], np.int64)
+            tok = np.zeros(n, np.float32)
+            tok[: n - 1] = np.asarray(flat.logprobs, np.float32)[first]
+            if not (np.asarray(flat.token_ids, np.int64)[first] == np.asarray(seq[1:])).all():
+                raise RuntimeError(
+                    "vLLM's prompt_logprobs no longer put each position's own token first; "
+                    "score_tokens reads the teacher's token log-probs from there"
+                )
+            result.append((ids, lps, tok))
+        return result
+
     def generate(
         self, prompts: list[list[int]], seeds: list[list[int]], gen: Sampling
     ) -> list[list[Sample]]:

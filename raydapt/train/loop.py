@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.compute as pc
 import torch
 from torch import nn
@@ -46,6 +47,7 @@ from raydapt.train import data
 from raydapt.train.fsdp import (
     all_reduce_sum,
     autocast_for,
+    barrier,
     clip_grad_norm,
     device_for,
     mixed_precision,
@@ -201,9 +203,12 @@ def setup(plan: TrainPlan, tc: TrainConfig, device: torch.device):
 
 
 def load_tables(plan: TrainPlan, tc: TrainConfig):
-    """Train and validation rows from the Ray Data shards (classification: labelled rows)."""
-    train = data.load_shard("train", list(plan.train_columns))
+    """Train and validation rows from the Ray Data shards (classification: labelled rows).
+    On-policy runs train on rows the source makes each step: train is None."""
     val = data.load_shard("validation", list(plan.val_columns)) if plan.val_files else None
+    if plan.on_policy is not None:
+        return None, val
+    train = data.load_shard("train", list(plan.train_columns))
     if is_classification(tc):
         train = train.filter(pc.greater_equal(train.column("label"), 0))
         val = val.filter(pc.greater_equal(val.column("label"), 0)) if val is not None else None
@@ -306,6 +311,40 @@ def _batches(plan: TrainPlan, rows, step: int) -> list[dict[str, torch.Tensor]]:
     ]
 
 
+def _on_policy_batches(plan: TrainPlan, source: Any, step: int) -> tuple[list[dict], dict]:
+    """This rank's micro-batches of step `step` from the rollout source, and the step's
+    rollout statistics (the same rows reach every rank; each takes its own slice)."""
+    import ray
+
+    tc = plan.job.train
+    rank, ws = world()
+    table, stats = ray.get(source.batch.remote(step))
+    bs = tc.batch_size
+    out = []
+    for g in range(tc.grad_accum):
+        lo = (g * ws + rank) * bs
+        out.append(collate(table, np.arange(lo, lo + bs), plan.pad_id))
+    return out, stats
+
+
+def sync_rollouts(model: nn.Module, source: Any, version: int) -> float:
+    """Push the model's weights to the rollout engines (all ranks call: the gather is a
+    collective); rank 0 returns the seconds the push took, others 0. Every rank leaves only
+    after the engines hold the new weights, so no rank asks for the next batch too early."""
+    import ray
+
+    from raydapt.teach.weights import to_payload
+
+    t0 = time.perf_counter()
+    sd = ckpt.full_state_dict(model)
+    rank, _ = world()
+    if rank == 0:
+        ray.get(source.sync.remote([ray.put(to_payload(sd))], version))
+    del sd
+    barrier()
+    return time.perf_counter() - t0 if rank == 0 else 0.0
+
+
 def train_func(config: dict[str, Any]) -> dict:
     """Ray Train per-worker entry point; `config["plan"]` is the driver's TrainPlan."""
     import ray.train  # slow to import (about 1 s); the driver imports this module without it
@@ -320,16 +359,34 @@ def train_func(config: dict[str, Any]) -> dict:
     val_objective = build_objective(tc)
     train_rows, val_rows = load_tables(plan, tc)
     start = resume_step(plan, model, optim, sched, tc)
+    source = config.get("source")
+    if plan.on_policy is not None and source is None:
+        raise UserError(
+            "train.teacher=on_policy runs through `raydapt train`/`run`, not in "
+            "tune sweeps (no rollout source was started for this trial)"
+        )
+    if source is not None and start > 0:  # resumed: the engines must sample from these weights
+        sync_rollouts(model, source, start)
     log = MetricsLog(plan.train_dir, start, tc.max_steps)
     model.train()
     last: dict[str, Any] = {}
     for step in range(start + 1, tc.max_steps + 1):
         t0 = time.perf_counter()
-        m = train_step(
-            model, objective, optim, sched, _batches(plan, train_rows, step), tc, params, device
-        )
+        rollout: dict[str, float] = {}
+        if source is not None:
+            batches, rollout = _on_policy_batches(plan, source, step)
+        else:
+            batches = _batches(plan, train_rows, step)
+        t_data = time.perf_counter() - t0
+        m = train_step(model, objective, optim, sched, batches, tc, params, device)
         dt = time.perf_counter() - t0
-        epoch = (step - 1) * tc.grad_accum * tc.batch_size * ws / train_rows.num_rows
+        if source is not None:
+            epoch = rollout.pop("prompt_epoch")
+            m.update(rollout, wait_s=t_data)
+            if step % plan.job.rollout.sync_every == 0 and step < tc.max_steps:
+                m["sync_s"] = sync_rollouts(model, source, step)
+        else:
+            epoch = (step - 1) * tc.grad_accum * tc.batch_size * ws / train_rows.num_rows
         m.update(step=step, step_time_s=dt, tokens_per_s=m["tokens"] / dt, epoch=epoch)
         if is_report_step(step, tc):
             m.update(evaluate(model, val_rows, val_objective, tc, plan.pad_id, device))

@@ -16,6 +16,9 @@ it) and detached parts named in `parts` (the metrics it logs and reports).
                                                                 teacher's generated rows)
     distill, targets with top-k (offline)  TopKDistill    kd, ce
     distill, teacher=online                OnlineDistill  kd, ce
+    distill, on_policy, reverse_kl_sampled SampledReverseKL kd, kl_estimate
+    distill, on_policy, other kd_loss      TopKDistill    kd, ce   (rows: the student's samples,
+                                                                scored by the teacher pool)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydapt.config import TrainConfig
+from raydapt.rows import next_token_targets
 from raydapt.train.heads import from_hidden, supports_hidden
 from raydapt.train.losses import (
     KD,
@@ -36,6 +40,8 @@ from raydapt.train.losses import (
     chunked_distill_from_hidden,
     distill_loss,
     full_kd_loss,
+    sampled_kl_estimate,
+    sampled_reverse_kl,
     topk_kd_loss,
 )
 from raydapt.train.modes import is_classification
@@ -152,11 +158,34 @@ class OnlineDistill(Distill):
         return full_kd_loss(logits, t_logits, batch["loss_mask"], self.kd)
 
 
+class SampledReverseKL(Objective):
+    """On-policy per-token reverse KL on the student's own samples (losses.sampled_reverse_kl):
+    needs the teacher's log-prob of each sampled token (`teacher_token_logprob`), not its
+    top-k. Reports the surrogate (`kd`) and the k1 estimate of KL(q || p) (`kl_estimate`)."""
+
+    parts: ClassVar[tuple[str, ...]] = ("kd", "kl_estimate")
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
+        ids = batch["input_ids"]  # (B, T)
+        targets, mask = next_token_targets(ids, batch["loss_mask"])
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        b, t, v = logits.shape
+        s_tok = -F.cross_entropy(
+            logits.float().reshape(b * t, v), targets.reshape(b * t), reduction="none"
+        ).view(b, t)
+        t_tok = batch["teacher_token_logprob"]
+        loss = sampled_reverse_kl(s_tok, t_tok, mask)
+        return loss, {"kd": loss.detach(), "kl_estimate": sampled_kl_estimate(s_tok, t_tok, mask)}
+
+
 def objective_class(tc: TrainConfig, online: bool, has_topk: bool) -> type[Objective]:
     """Which objective `tc` trains with (see the module table); the driver uses it to know
     the parts every report carries before any worker starts."""
     if is_classification(tc):
         return Classification
+    on_policy_rows = tc.teacher == "on_policy" and has_topk  # not the validation split
+    if tc.mode == "distill" and on_policy_rows and tc.kd_loss == "reverse_kl_sampled":
+        return SampledReverseKL
     if tc.mode == "distill" and online:
         return OnlineDistill
     if tc.mode == "distill" and has_topk:
@@ -179,4 +208,4 @@ def build_objective(
         return TopKDistill(kd_of(tc), tc.kd_alpha)
     if cls is NextToken:
         return NextToken(tc.kd_chunk)
-    return cls()
+    return cls()  # Classification, SampledReverseKL

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raydapt.config import JobConfig
+from raydapt.onpolicy.source import SourceSpec
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class TrainPlan:
     targets: dict | None = field(repr=False)  # the targets manifest (offline distill)
     data_inputs: dict = field(repr=False)  # the data identity checkpoints are tied to (inputs.json)
     lineage: dict = field(repr=False)  # goes into the export manifest
+    on_policy: SourceSpec | None = None  # train.teacher=on_policy: where each step's rows come from
 
     @property
     def export_dir(self) -> Path:
@@ -57,7 +59,7 @@ class TrainPlan:
 
     @property
     def has_topk(self) -> bool:
-        return "topk_ids" in self.train_columns
+        return "topk_ids" in self.train_columns or self.on_policy is not None
 
     @property
     def checkpoint_dirs(self) -> tuple[Path, Path]:

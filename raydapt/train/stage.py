@@ -36,11 +36,13 @@ import pyarrow.parquet as pq
 from raydapt import layout
 from raydapt.config import JobConfig, TrainConfig
 from raydapt.errors import UserError
-from raydapt.models import load_tokenizer, tokenizer_hash
+from raydapt.models import engine_dtype, load_tokenizer, tokenizer_hash
+from raydapt.onpolicy.source import SourceSpec, start_source
 from raydapt.prepare import split_files
 from raydapt.sources import model_path
 from raydapt.storage import hash_json, read_manifest, require_manifest, write_json_atomic
 from raydapt.targets import check_compatible, read_targets
+from raydapt.teach.spec import ActorSpec
 from raydapt.train import checkpoint as ckpt
 from raydapt.train.loop import FAIL_ENV, HOLD_FILE_ENV, HOLD_STEP_ENV
 from raydapt.train.modes import check_lora_targets, check_seq_len, is_classification, meta_model
@@ -60,6 +62,71 @@ def _offline(tc: TrainConfig) -> bool:
 
 def _online(tc: TrainConfig) -> bool:
     return tc.mode == "distill" and tc.teacher == "online"
+
+
+def _on_policy(job: JobConfig, student: str, tok_hash: str, seq_len: int) -> SourceSpec:
+    """The rollout source of train.teacher=on_policy: prompts, the two engines, rows per step.
+    Checks the prompts exist and the teacher shares the student's tokenizer (the teacher
+    scores the student's token ids as they are)."""
+    tc, t = job.train, job.teach
+    prompts = layout.prepared_dir(job) / "prompts" / "part-00000.parquet"
+    lens = []
+    if prompts.is_file():
+        table = pq.read_table(prompts, columns=["prompt_ids", "split"])
+        lens = [
+            len(p)
+            for p, s in zip(
+                table.column("prompt_ids").to_pylist(), table.column("split").to_pylist()
+            )
+            if s == "train"
+        ]
+    if not lens:
+        raise UserError(
+            f"train.teacher=on_policy: the prepared data at {layout.prepared_dir(job)} has no "
+            "prompts of split train; give the corpus prompt/response or prompt-only rows "
+            "(e.g. corpus.source: world) and rerun `raydapt prepare JOB`"
+        )
+    teacher = str(model_path(job, "teacher"))
+    if tokenizer_hash(load_tokenizer(teacher)) != tok_hash:
+        raise UserError(
+            f"train.teacher=on_policy: teacher {teacher} has another tokenizer than the student "
+            f"{student}; the teacher scores the student's own token ids, so both need one "
+            "tokenizer (teacher.path / student.path)"
+        )
+    r = job.rollout
+    need = max(lens) + r.max_tokens + 1  # + 1: the teacher scores the whole row as a prompt
+    if need > seq_len:
+        raise UserError(
+            f"rollout.max_tokens={r.max_tokens}: the longest prompt ({max(lens)} tokens) plus "
+            f"the completion needs {need} positions, more than the student's {seq_len}; "
+            "lower rollout.max_tokens"
+        )
+    gpu = tc.use_gpu
+    return SourceSpec(
+        prompts_file=str(prompts),
+        rollout=ActorSpec(
+            model=student,
+            k=1,
+            dtype=engine_dtype(job.student.dtype, student, gpu),
+            max_model_len=need,
+            num_gpus=r.gpus_per_actor,
+            seed=r.seed,
+        ),
+        teacher=ActorSpec(
+            model=teacher,
+            k=t.k,
+            dtype=engine_dtype(job.teacher.dtype, teacher, gpu),
+            max_model_len=need,
+            num_gpus=t.gpus_per_actor,
+            seed=t.seed,
+        ),
+        cfg=r,
+        teacher_actors=t.min_actors,
+        teacher_cpus=t.cpus_per_actor,
+        teacher_gpus=t.gpus_per_actor,
+        teacher_kv_gib=t.kv_cache_gib,
+        rows_per_step=tc.batch_size * max(1, tc.num_workers) * tc.grad_accum,
+    )
 
 
 def checkpoint_key(job: JobConfig, student_path: str) -> str:
@@ -234,6 +301,10 @@ def plan(
             meta.config, int(targets["seq_len"]), f"{layout.targets_dir(job)}/manifest.json"
         )
     teacher = _check_teacher(job, meta.config.vocab_size) if _online(tc) else None
+    on_policy = None
+    if tc.mode == "distill" and tc.teacher == "on_policy":
+        positions = int(getattr(meta.config, "max_position_embeddings", 0) or 1 << 30)
+        on_policy = _on_policy(job, student, tok_hash, positions)
     if is_classification(tc):
         _check_labels(train_files, tc.num_labels)
     tdir = Path(train_dir or layout.train_dir(job)).resolve()
@@ -268,7 +339,15 @@ def plan(
         prepared=prepared,
         targets=targets,
         data_inputs=inputs,
-        lineage=_lineage(job, student, teacher, tok_hash, prepared, targets),
+        lineage=_lineage(
+            job,
+            student,
+            teacher or (on_policy and on_policy.teacher.model),
+            tok_hash,
+            prepared,
+            targets,
+        ),
+        on_policy=on_policy,
     )
 
 
@@ -321,6 +400,8 @@ def fingerprint(p: TrainPlan) -> str:
         keys["targets"] = _identity(p.targets)
     if p.teacher_path is not None:
         keys["teacher"] = p.teacher_path
+    if p.on_policy is not None:
+        keys["on_policy"] = [p.on_policy.teacher.model, dataclasses.asdict(p.job.rollout)]
     return hash_json(keys)
 
 
@@ -347,11 +428,16 @@ def run(p: TrainPlan) -> dict[str, Any]:
 
     p = dataclasses.replace(p, lineage={**p.lineage, "fingerprint": fingerprint(p)})
     prepare_train_dir(p)
+    source = start_source(p.on_policy) if p.on_policy is not None else None
     try:
-        result = build_trainer(p).fit()
+        result = build_trainer(p, source=source).fit()
     except ray.train.TrainingFailedError as e:
         unwrap_user_error(e)
         raise
+    finally:
+        if source is not None:
+            ray.get(source.shutdown.remote())
+            ray.kill(source)
     manifest = read_manifest(p.output)
     if manifest is None:
         raise RuntimeError(f"internal: training finished but wrote no export at {p.output}")

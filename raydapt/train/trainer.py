@@ -39,7 +39,7 @@ def dataset(files: Sequence[str], columns: Sequence[str]) -> Any:
     return ds
 
 
-def build_trainer(plan: TrainPlan, callbacks: Sequence[Any] = ()) -> Any:
+def build_trainer(plan: TrainPlan, callbacks: Sequence[Any] = (), source: Any = None) -> Any:
     """The TorchTrainer (Train V2) of a checked plan; its run folder is
     `<plan.train_dir>/<plan.run_name>`, so a rerun resumes its checkpoints."""
     from ray.train import (  # slow to import (about 1 s)
@@ -76,7 +76,7 @@ def build_trainer(plan: TrainPlan, callbacks: Sequence[Any] = ()) -> Any:
     )
     return TorchTrainer(
         train_func,
-        train_loop_config={"plan": plan},
+        train_loop_config={"plan": plan, "source": source},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run_config,
