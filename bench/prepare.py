@@ -97,7 +97,9 @@ def main() -> None:
                 "prepare": {"seq_len": 256, "workers": args.workers},
             }
         )
-        ray.init(num_cpus=8, include_dashboard=False)
+        # its own local cluster, even when another one runs on this machine (RAY_ADDRESS,
+        # /tmp/ray/ray_current_cluster): num_cpus cannot be given to an existing one
+        ray.init(address="local", num_cpus=8, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         materialize(cfg)  # the preset student's tokenizer, built once
         model_dir = Path(prepare.plan(cfg).tokenizer_path)

@@ -3,10 +3,12 @@
     raydapt prepare jobs/demo.yaml prepare.seq_len=128
 
 Why the work is split this way: tokenizing is the expensive part and is embarrassingly
-parallel, so Ray Data runs it in a pool of tokenizer actors (one tokenizer load each).
-Exact dedupe and packing depend on global order, and they are cheap once rows are token ids,
-so the driver streams the tokenized rows in a fixed order and does both; the output is
-therefore deterministic for a given input whatever the parallelism.
+parallel, so Ray Data runs it as tasks on `prepare.workers` CPUs; each worker process
+builds the tokenizer once (from the driver's `TokenizerSpec`, without transformers) and keeps
+it, so neither a rerun nor a new block pays for a process start or a tokenizer load.
+Exact dedupe and packing depend on global order, and they are cheap once rows are token ids
+and handled in bulk, so the driver streams the tokenized rows in a fixed order and does
+both; the output is therefore deterministic for a given input whatever the parallelism.
 
 Output (layout.prepared_dir): `train/` and `validation/` parquet shards with columns
 `id`, `input_ids` (<= seq_len, unpadded), `loss_mask` (aligned with logits: mask[t] = 1
@@ -30,9 +32,9 @@ from raydapt import layout
 from raydapt.config import JobConfig, PrepareConfig
 from raydapt.errors import UserError
 from raydapt.models import check_vocab, load_tokenizer, tokenizer_hash
-from raydapt.prepare.tokenize import Tokenize
+from raydapt.prepare.tokenize import tokenize_batch, tokenizer_spec
 from raydapt.progress import Progress
-from raydapt.rows import loss_mask_of, pack
+from raydapt.rows import loss_mask_of
 from raydapt.sources import EXTENSIONS, input_paths, model_path
 from raydapt.storage import atomic_dir, finish_manifest, hash_json, require_manifest
 
@@ -92,72 +94,117 @@ def _check_parquet(paths: list[str]) -> None:
 
 @dataclass
 class _Split:
-    """Accumulates one split's docs and writes full shards as they fill."""
+    """Accumulates one split's docs and writes full shards as they fill.
+
+    Rows are kept as pieces (numpy views of the tokenized batches) until a shard is full;
+    the shard is then built in bulk: one concatenation per column, the loss mask shifted
+    once over the whole shard and cut at row ends (`loss_mask_of` per row, in one go).
+    Packing is greedy in document order (as `raydapt.rows.pack`), in chunks of 512 docs
+    whose open last row carries over.
+    """
 
     name: str
     dir: Path
     cfg: PrepareConfig
-    docs: list = field(default_factory=list)
+    docs: list = field(default_factory=list)  # pending (ids, target) to pack
     hashes: list = field(default_factory=list)
-    labels: list = field(default_factory=list)
+    lens: list = field(default_factory=list)
     shards: int = 0
     rows: int = 0
     tokens: int = 0
     loss_tokens: int = 0
-    buffer: list = field(default_factory=list)
+    # emitted rows not yet written: their pieces, and per row its piece count, length, id, label
+    ids: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+    row_pieces: list = field(default_factory=list)
+    row_lens: list = field(default_factory=list)
+    row_ids: list = field(default_factory=list)
+    row_labels: list = field(default_factory=list)
 
     def add(self, h: str, ids: np.ndarray, target: np.ndarray, label: int) -> None:
         if label >= 0 or not self.cfg.pack:
-            self._emit([(ids, loss_mask_of(target), h, label)])
+            self.ids.append(ids)
+            self.targets.append(target)
+            self._emit(1, len(ids), h, label)
             return
         self.docs.append((ids, target))
         self.hashes.append(h)
+        self.lens.append(len(ids))
         if len(self.docs) >= 512:  # pack in chunks; the open last row carries over
             self.flush_docs(keep_tail=True)
 
     def flush_docs(self, keep_tail: bool = False) -> None:
-        packed = pack(self.docs, self.cfg.seq_len)
-        if keep_tail and len(packed) > 1:
-            last = packed.pop()
-            keep = last[2]
-        else:
-            keep = []
-        rows = []
-        for ids, mask, members in packed:
-            rid = hashlib.sha256("".join(self.hashes[i] for i in members).encode()).hexdigest()[:20]
-            rows.append((ids, mask, rid, -1))
-        self.docs = [self.docs[i] for i in keep]
-        self.hashes = [self.hashes[i] for i in keep]
-        self._emit(rows)
+        starts = _greedy_rows(self.lens, self.cfg.seq_len)
+        keep = starts[-1] if keep_tail and len(starts) > 1 else len(self.docs)
+        bounds = [*starts, len(self.docs)]
+        for r, start in enumerate(starts):
+            end = bounds[r + 1]
+            if start >= keep:
+                break
+            members = "".join(self.hashes[start:end])
+            for ids, target in self.docs[start:end]:
+                self.ids.append(ids)
+                self.targets.append(target)
+            rid = hashlib.sha256(members.encode()).hexdigest()[:20]
+            self._emit(end - start, sum(self.lens[start:end]), rid, -1)
+        del self.docs[:keep], self.hashes[:keep], self.lens[:keep]
 
-    def _emit(self, rows: list) -> None:
-        self.buffer += rows
-        while len(self.buffer) >= self.cfg.rows_per_shard:
-            self._write(self.buffer[: self.cfg.rows_per_shard])
-            self.buffer = self.buffer[self.cfg.rows_per_shard :]
+    def _emit(self, pieces: int, length: int, rid: str, label: int) -> None:
+        self.row_pieces.append(pieces)
+        self.row_lens.append(length)
+        self.row_ids.append(rid)
+        self.row_labels.append(label)
+        if len(self.row_ids) >= self.cfg.rows_per_shard:
+            self._write(self.cfg.rows_per_shard)
 
     def close(self) -> None:
         if self.docs:
             self.flush_docs()
-        if self.buffer:
-            self._write(self.buffer)
-            self.buffer = []
+        if self.row_ids:
+            self._write(len(self.row_ids))
 
-    def _write(self, rows: list) -> None:
+    def _write(self, n: int) -> None:
+        """The first n buffered rows -> one parquet shard."""
+        p = sum(self.row_pieces[:n])
+        ids = np.concatenate(self.ids[:p]).astype(np.int32, copy=False)
+        target = np.concatenate(self.targets[:p]).astype(np.uint8, copy=False)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(self.row_lens[:n], out=offsets[1:])
+        mask = loss_mask_of(target)  # shifted once over the shard; each row's last is 0
+        lengths = np.diff(offsets)
+        mask[offsets[1:][lengths > 0] - 1] = 0
+        off32 = pa.array(offsets, pa.int32())
         self.dir.mkdir(parents=True, exist_ok=True)
         table = pa.table(
             {
-                "id": pa.array([r[2] for r in rows], pa.string()),
-                "input_ids": pa.array([r[0] for r in rows], pa.list_(pa.int32())),
-                "loss_mask": pa.array([r[1] for r in rows], pa.list_(pa.uint8())),
-                "label": pa.array([r[3] for r in rows], pa.int32()),
+                "id": pa.array(self.row_ids[:n], pa.string()),
+                "input_ids": pa.ListArray.from_arrays(off32, pa.array(ids, pa.int32())),
+                "loss_mask": pa.ListArray.from_arrays(off32, pa.array(mask, pa.uint8())),
+                "label": pa.array(self.row_labels[:n], pa.int32()),
             }
         )
         pq.write_table(table, self.dir / f"part-{self.shards:05d}.parquet", compression="zstd")
         self.shards += 1
-        self.rows += len(rows)
-        self.tokens += sum(len(r[0]) for r in rows)
-        self.loss_tokens += int(sum(int(r[1].sum()) for r in rows))
+        self.rows += n
+        self.tokens += int(offsets[-1])
+        self.loss_tokens += int(mask.sum(dtype=np.int64))
+        del self.ids[:p], self.targets[:p], self.row_pieces[:n], self.row_lens[:n]
+        del self.row_ids[:n], self.row_labels[:n]
+
+
+def _greedy_rows(lens: list[int], seq_len: int) -> list[int]:
+    """Start index of each packed row: greedy, in order, a row closes when the next doc
+    would overflow seq_len (what `raydapt.rows.pack` does, on lengths only)."""
+    starts = []
+    length = 0
+    for i, n in enumerate(lens):
+        if starts and length + n > seq_len:
+            starts.append(i)
+            length = 0
+        elif not starts:
+            starts.append(i)
+        length += n
+    return starts
 
 
 def split_of(h: str, val_fraction: float) -> str:
@@ -216,6 +263,9 @@ def plan(job: JobConfig) -> PreparePlan:
             f"prepare.seq_len={job.prepare.seq_len} exceeds the student's "
             f"max_position_embeddings ({mcfg.max_position_embeddings}, {model_dir})"
         )
+    if job.prepare.chat_template == "always" and not getattr(tok, "chat_template", None):
+        # Tokenize checks it too, but in a Ray task; here it fails before any work starts
+        raise UserError(f"prepare.chat_template=always but the tokenizer at {model_dir} has none")
     return PreparePlan(
         job,
         layout.prepared_dir(job),
@@ -284,7 +334,12 @@ def run(p: PreparePlan) -> dict:
 
 
 def tokenize_dataset(paths: list[str], fmt: str, tokenizer_path: str, opts: dict, num_blocks: int):
-    """The parallel part: a Ray Data pipeline of read -> Tokenize (actor pool)."""
+    """The parallel part: a Ray Data pipeline of read -> Tokenize (`workers` tasks at a time).
+
+    Tasks rather than an actor pool: an actor is a new worker process per run, which costs
+    its interpreter start and imports (measured: about 2 s of CPU per actor, on every run);
+    task workers are pooled and keep their tokenizer (`tokenize_batch`), one per process.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -295,18 +350,27 @@ def tokenize_dataset(paths: list[str], fmt: str, tokenizer_path: str, opts: dict
     else:
         ds = ray.data.read_text(paths, include_paths=True, drop_empty_lines=False, **kw)
     return ds.map_batches(
-        Tokenize,
-        fn_constructor_args=(tokenizer_path, opts),
+        tokenize_batch,
+        # the fast tokenizer itself, not its folder: workers skip importing transformers
+        fn_args=(tokenizer_spec(tokenizer_path), opts),
         batch_format="pyarrow",
         batch_size=1024,
-        compute=ray.data.ActorPoolStrategy(size=opts.get("workers", 2)),
-        num_cpus=1,
+        # `workers` CPUs, as two half-CPU tasks each: Ray Data sees a task finish only on
+        # its next scheduling poll (every 0.1 s) and then starts the next one, so with one
+        # task per CPU each CPU idled ~0.2 s per block (measured); the second task runs then.
+        compute=ray.data.TaskPoolStrategy(size=2 * opts.get("workers", 2)),
+        num_cpus=0.5,
     )
 
 
 def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
     """The ordered part: dedupe, split, pack, write shards and prompts. `batches` is a
-    Ray Dataset or any iterable of tokenized pyarrow tables (the single-process baseline)."""
+    Ray Dataset or any iterable of tokenized pyarrow tables (the single-process baseline).
+
+    Everything per batch is columnar (numpy views of the flat token arrays, Arrow filters
+    for the prompts); the only per-row Python left is the set lookup of exact dedupe and
+    handing each kept doc to its split's packer, which is all order-dependent work.
+    """
     it = (
         batches.iter_batches(batch_format="pyarrow", batch_size=None)
         if hasattr(batches, "iter_batches")
@@ -316,50 +380,62 @@ def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
     dropped = dict.fromkeys(REASONS, 0)
     examples: dict[str, list[str]] = {}
     seen: set[str] = set()
-    prompts: dict[str, list] = {k: [] for k in ("id", "prompt", "prompt_ids", "answer", "split")}
+    prompts: list[pa.Table] = []
     n_docs = truncated = 0
     bar = Progress("prepare", unit="docs")
     for table in it:
         bar.update(table.num_rows)
-        cols = {c: table.column(c) for c in table.column_names}
-        reasons = cols["reason"].to_pylist()
-        hashes = cols["hash"].to_pylist()
-        labels = cols["label"].to_pylist()
+        if not table.num_rows:
+            continue
+        reasons = table.column("reason").to_pylist()
+        hashes = table.column("hash").to_pylist()
+        labels = table.column("label").to_numpy()
+        ids, ids_off = _flat(table.column("ids"))
+        target, target_off = _flat(table.column("target"))
+        learned = np.concatenate(([0], np.cumsum(target, dtype=np.int64)))
+        learns = (learned[target_off[1:]] > learned[target_off[:-1]]).tolist()  # target.any()
+        where = None
+        kept = []
         for i, reason in enumerate(reasons):
             if not reason and pcfg.dedupe and hashes[i] in seen:
                 reason = "duplicate"
             if reason:
                 dropped[reason] += 1
-                if len(examples.setdefault(reason, [])) < 3 and cols["where"][i].as_py():
-                    examples[reason].append(cols["where"][i].as_py())
+                if len(examples.setdefault(reason, [])) < 3:
+                    where = table.column("where").to_pylist() if where is None else where
+                    if where[i]:
+                        examples[reason].append(where[i])
                 continue
             seen.add(hashes[i])
-            n_docs += 1
-            truncated += cols["truncated"][i].as_py()
-            ids = cols["ids"][i].values.to_numpy(zero_copy_only=False)
-            target = cols["target"][i].values.to_numpy(zero_copy_only=False)
-            split = split_of(hashes[i], pcfg.val_fraction)
-            if target.any() or labels[i] >= 0:  # a prompt-only row waits for the teacher
-                splits[split].add(hashes[i], ids, target, labels[i])
-            if cols["prompt"][i].is_valid and len(cols["prompt_ids"][i]):
-                prompts["split"].append(split)
-                prompts["id"].append(hashes[i])
-                prompts["prompt"].append(cols["prompt"][i].as_py())
-                prompts["prompt_ids"].append(
-                    cols["prompt_ids"][i].values.to_numpy(zero_copy_only=False)
+            kept.append(i)
+        if not kept:
+            continue
+        n_docs += len(kept)
+        truncated += int(table.column("truncated").to_numpy(zero_copy_only=False)[kept].sum())
+        split_names = [split_of(hashes[i], pcfg.val_fraction) for i in kept]
+        for i, split in zip(kept, split_names):
+            label = int(labels[i])
+            if learns[i] or label >= 0:  # a prompt-only row waits for the teacher
+                splits[split].add(
+                    hashes[i],
+                    ids[ids_off[i] : ids_off[i + 1]],
+                    target[target_off[i] : target_off[i + 1]],
+                    label,
                 )
-                prompts["answer"].append(cols["answer"][i].as_py())
+        prompts.append(_prompts_of(table, kept, split_names))
     bar.close()
     for s in splits.values():
         s.close()
-    if prompts["id"]:
+    prompt_rows = pa.concat_tables(prompts) if prompts else None
+    n_prompts = {s: 0 for s in SPLITS}
+    if prompt_rows is not None and prompt_rows.num_rows:
         (out / "prompts").mkdir()
-        pq.write_table(
-            pa.table(
-                {**prompts, "prompt_ids": pa.array(prompts["prompt_ids"], pa.list_(pa.int32()))}
-            ),
-            out / "prompts" / "part-00000.parquet",
-        )
+        split_col = prompt_rows.column("split").to_pylist()
+        n_prompts = {s: split_col.count(s) for s in SPLITS}
+        answers = prompt_rows.column("answer")
+        if answers.null_count == len(answers):  # as pa.array infers a column of Nones
+            prompt_rows = prompt_rows.set_column(3, "answer", pa.nulls(len(answers)))
+        pq.write_table(prompt_rows.combine_chunks(), out / "prompts" / "part-00000.parquet")
     return {
         "documents": n_docs,
         "dropped": dropped,
@@ -368,6 +444,26 @@ def write_prepared(batches: Any, out: Path, pcfg: PrepareConfig) -> dict:
         "rows": {s: splits[s].rows for s in SPLITS},
         "tokens": {s: splits[s].tokens for s in SPLITS},
         "loss_tokens": {s: splits[s].loss_tokens for s in SPLITS},
-        "prompts": prompts["split"].count("train"),
-        "prompts_validation": prompts["split"].count("validation"),
+        "prompts": n_prompts["train"],
+        "prompts_validation": n_prompts["validation"],
     }
+
+
+def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column as numpy: row i is values[off[i]:off[i + 1]]."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    off = arr.offsets.to_numpy()
+    return arr.values.to_numpy(zero_copy_only=False)[off[0] : off[-1]], off - off[0]
+
+
+def _prompts_of(table: pa.Table, kept: list[int], split_names: list[str]) -> pa.Table:
+    """The kept rows that carry a prompt for the teacher: id, prompt, prompt_ids, answer, split."""
+    has = np.zeros(table.num_rows, bool)
+    has[kept] = True
+    has &= table.column("prompt").is_valid().to_numpy(zero_copy_only=False)
+    has &= np.diff(_flat(table.column("prompt_ids"))[1]) > 0
+    rows = table.select(["hash", "prompt", "prompt_ids", "answer"]).filter(pa.array(has))
+    splits = [s for s, h in zip(split_names, has[kept]) if h]
+    return rows.rename_columns(["id", "prompt", "prompt_ids", "answer"]).append_column(
+        "split", pa.array(splits, pa.string())
+    )

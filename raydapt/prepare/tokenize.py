@@ -1,6 +1,6 @@
 """Rows -> token ids: text, prompt+response, or chat messages, with the masks to learn from.
 
-One set of row rules, used by `prepare` (in Ray Data actors) and by `eval` (on held-out
+One set of row rules, used by `prepare` (in Ray Data tasks) and by `eval` (on held-out
 rows), so a held-out loss counts exactly the tokens training counts. The output is
 token-aligned (`target[t] = 1` when token t is learned); `raydapt.rows.loss_mask_of` turns
 it into the logits-aligned loss mask that rows on disk carry.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from raydapt.errors import UserError
@@ -38,85 +38,145 @@ class Doc:
     truncated: bool = False
 
 
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A fast tokenizer as a Ray Data worker needs it, built once by the driver.
+
+    `backend` is the Rust tokenizer's own JSON (`backend_tokenizer.to_str()`), so a worker
+    rebuilds the exact tokenizer with the `tokenizers` package alone, without importing
+    transformers (and torch): seconds of CPU per worker process. The full tokenizer is
+    loaded from `path` only if a row needs jinja: chat messages, or a template that is not
+    a fixed prefix and suffix around the prompt.
+    """
+
+    path: str
+    backend: str
+    eos_id: int | None
+    has_template: bool
+    wrap: tuple[str, str] | None  # _template_wrap of the template, if it has one
+
+
+def tokenizer_spec(path: str | Path) -> TokenizerSpec | str:
+    """The driver side of `TokenizerSpec`; a slow (Python) tokenizer stays a path."""
+    tok = load_tokenizer(path)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return str(path)
+    has = bool(getattr(tok, "chat_template", None))
+    return TokenizerSpec(
+        str(path), backend.to_str(), tok.eos_token_id, has, _template_wrap(tok) if has else None
+    )
+
+
+def _template_wrap(tok: Any) -> tuple[str, str] | None:
+    """(prefix, suffix) around a user prompt, when the template inserts content verbatim.
+
+    Rendering jinja per row dominates tokenizing short rows; most templates are a fixed
+    prefix and suffix around the content, which is checked here on two probes.
+    """
+
+    def render(content: str) -> str:
+        return tok.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    probe = "\x00raydapt-probe\x00"
+    full = render(probe)
+    if full.count(probe) != 1:
+        return None
+    prefix, suffix = full.split(probe)
+    return (prefix, suffix) if render("a b") == prefix + "a b" + suffix else None
+
+
 class Tokenize:
     """Rows (text | prompt+response | messages) -> token ids and target masks, or a drop reason.
 
-    A callable class so Ray Data loads the tokenizer once per actor.
+    Built once per process: `tokenize_batch` keeps one per Ray worker.
     """
 
-    def __init__(self, tokenizer: str | Any, opts: dict):
-        """`tokenizer`: a model folder (Ray Data actors load it once each) or a loaded one."""
-        self.tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    def __init__(self, tokenizer: str | Path | TokenizerSpec | Any, opts: dict):
+        """`tokenizer`: a model folder, a loaded tokenizer, or a `TokenizerSpec` (what Ray
+        Data workers get: no transformers needed)."""
         self.opts = {**EVAL_OPTS, **opts}
+        self._spec = tokenizer if isinstance(tokenizer, TokenizerSpec) else None
+        if self._spec is not None:
+            from tokenizers import Tokenizer
+
+            backend: Any = Tokenizer.from_str(self._spec.backend)
+            has, eos = self._spec.has_template, self._spec.eos_id
+        else:
+            if isinstance(tokenizer, (str, Path)):
+                tokenizer = load_tokenizer(tokenizer)
+            self.tok = tokenizer
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            has = bool(getattr(tokenizer, "chat_template", None))
+            eos = tokenizer.eos_token_id
+        # The Rust tokenizer directly: the transformers wrapper doubles the cost per row.
+        self._backend_encode = backend.encode if backend is not None else None
+        self._eos_ids = [eos] if eos is not None else []
         mode = self.opts["chat_template"]
-        has = bool(getattr(self.tok, "chat_template", None))
         if mode == "always" and not has:
-            raise UserError(
-                f"prepare.chat_template=always but the tokenizer at {tokenizer} has none"
-            )
+            where = self._spec.path if self._spec is not None else tokenizer
+            raise UserError(f"prepare.chat_template=always but the tokenizer at {where} has none")
         self.use_template = has and mode != "never"
-        self._wrap = self._template_wrap() if self.use_template else None
+        if not self.use_template:
+            self._wrap = None
+        elif self._spec is not None:
+            self._wrap = self._spec.wrap
+        else:
+            self._wrap = _template_wrap(self.tok)
 
-    def _template_wrap(self) -> tuple[str, str] | None:
-        """(prefix, suffix) around a user prompt, when the template inserts content verbatim.
-
-        Rendering jinja per row dominates tokenizing short rows; most templates are a fixed
-        prefix and suffix around the content, which is checked here on two probes.
-        """
-
-        def render(content: str) -> str:
-            return self.tok.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-
-        probe = "\x00raydapt-probe\x00"
-        full = render(probe)
-        if full.count(probe) != 1:
-            return None
-        prefix, suffix = full.split(probe)
-        return (prefix, suffix) if render("a b") == prefix + "a b" + suffix else None
+    @cached_property
+    def tok(self) -> Any:
+        """The full (transformers) tokenizer; from a spec, loaded on first need only."""
+        assert self._spec is not None  # set in __init__ otherwise
+        return load_tokenizer(self._spec.path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = _rows_of(batch, self.opts["format"])
-        out: dict[str, list] = {
-            k: []
-            for k in (
-                "hash",
-                "ids",
-                "target",
-                "label",
-                "reason",
-                "prompt",
-                "prompt_ids",
-                "answer",
-                "where",
-                "truncated",
-            )
-        }
-        for row, where in rows:
+        """One row in, one row out: the doc's hash, ids, target, ... or its drop reason.
+
+        The list columns are built flat (values + offsets): no per-row arrays.
+        """
+        hashes, reasons, wheres, labels, prompts, answers, truncated = [], [], [], [], [], [], []
+        ids: list[int] = []
+        target: list[int] = []
+        prompt_ids: list[int] = []
+        ids_off, prompt_off = [0], [0]
+        for row, where in _rows_of(batch, self.opts["format"]):
             doc, reason = self.doc(row)
-            out["reason"].append(reason)
-            out["where"].append(where if reason else "")
-            out["hash"].append(doc.hash if doc else "")
-            out["ids"].append(np.asarray(doc.ids if doc else [], np.int32))
-            out["target"].append(np.asarray(doc.target if doc else [], np.uint8))
-            out["label"].append(doc.label if doc else -1)
-            out["prompt"].append(doc.prompt if doc else None)
-            out["prompt_ids"].append(np.asarray((doc.prompt_ids if doc else None) or [], np.int32))
-            out["answer"].append(doc.answer if doc else None)
-            out["truncated"].append(bool(doc and doc.truncated))
+            reasons.append(reason)
+            if doc is None:
+                wheres.append(where)
+                hashes.append("")
+                labels.append(-1)
+                prompts.append(None)
+                answers.append(None)
+                truncated.append(False)
+            else:
+                wheres.append("")
+                hashes.append(doc.hash)
+                labels.append(doc.label)
+                prompts.append(doc.prompt)
+                answers.append(doc.answer)
+                truncated.append(doc.truncated)
+                ids += doc.ids
+                target += doc.target
+                if doc.prompt_ids:
+                    prompt_ids += doc.prompt_ids
+            ids_off.append(len(ids))
+            prompt_off.append(len(prompt_ids))
         return pa.table(
             {
-                "hash": pa.array(out["hash"], pa.string()),
-                "ids": pa.array(out["ids"], pa.list_(pa.int32())),
-                "target": pa.array(out["target"], pa.list_(pa.uint8())),
-                "label": pa.array(out["label"], pa.int32()),
-                "reason": pa.array(out["reason"], pa.string()),
-                "where": pa.array(out["where"], pa.string()),
-                "prompt": pa.array(out["prompt"], pa.string()),
-                "prompt_ids": pa.array(out["prompt_ids"], pa.list_(pa.int32())),
-                "answer": pa.array(out["answer"], pa.string()),
-                "truncated": pa.array(out["truncated"], pa.bool_()),
+                "hash": pa.array(hashes, pa.string()),
+                "ids": _list_array(ids_off, ids, pa.int32()),
+                "target": _list_array(ids_off, target, pa.uint8()),
+                "label": pa.array(labels, pa.int32()),
+                "reason": pa.array(reasons, pa.string()),
+                "where": pa.array(wheres, pa.string()),
+                "prompt": pa.array(prompts, pa.string()),
+                "prompt_ids": _list_array(prompt_off, prompt_ids, pa.int32()),
+                "answer": pa.array(answers, pa.string()),
+                "truncated": pa.array(truncated, pa.bool_()),
             }
         )
 
@@ -148,7 +208,10 @@ class Tokenize:
             if o["drop_longer"]:
                 return None, "too_long_tokens"
             ids, target = ids[: o["seq_len"]], target[: o["seq_len"]]
-        content = json.dumps([ids, target, label])
+        # The content hash is sha256 of json.dumps([ids, target, label]). These are lists of
+        # Python ints and an int, whose repr is that same text (", " between items) and is
+        # twice as fast to build.
+        content = repr([ids, target, label])
         h = hashlib.sha256(content.encode()).hexdigest()[:20]
         prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else None
         answer = row.get("answer") if isinstance(row.get("answer"), str) else None
@@ -164,14 +227,12 @@ class Tokenize:
         return s
 
     def _encode(self, text: str, first: bool) -> list[int]:
-        # The Rust tokenizer directly: the transformers wrapper doubles the cost per row.
-        backend = getattr(self.tok, "backend_tokenizer", None)
-        if backend is not None:
-            return backend.encode(text, add_special_tokens=first).ids
+        if self._backend_encode is not None:
+            return self._backend_encode(text, add_special_tokens=first).ids
         return self.tok(text, add_special_tokens=first)["input_ids"]
 
     def _eos(self) -> list[int]:
-        return [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        return self._eos_ids
 
     def _text(self, text: Any):
         ids = self._encode(self._check_str(text), True) + self._eos()
@@ -229,6 +290,27 @@ class Tokenize:
             )
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if gen_prompt else "")
+
+
+_CACHED: tuple[Any, Tokenize] | None = None
+
+
+def tokenize_batch(batch: pa.Table, tokenizer: TokenizerSpec | str, opts: dict) -> pa.Table:
+    """`Tokenize(tokenizer, opts)(batch)` as a Ray Data task: the Tokenize is built once per
+    worker process and kept, for the next batches and the next runs with the same args."""
+    global _CACHED
+    key = (tokenizer, tuple(sorted(opts.items())))
+    if _CACHED is None or _CACHED[0] != key:
+        _CACHED = None  # drop the old tokenizer first
+        _CACHED = (key, Tokenize(tokenizer, opts))
+    return _CACHED[1](batch)
+
+
+def _list_array(offsets: list[int], values: list[int], type_: pa.DataType) -> pa.ListArray:
+    """list<type_> from flat values and int32 offsets (the type pa.array gives row lists)."""
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), pa.array(values, type_), type=pa.list_(type_)
+    )
 
 
 class _Drop(Exception):
