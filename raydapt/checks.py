@@ -25,6 +25,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.teacher": ("offline", "online", "on_policy"),
+    "rollout.eos_guard": ("stop", "mask", "off"),
     "train.kd_loss": ("forward_kl", "reverse_kl", "jsd", "reverse_kl_sampled"),
     "train.new_head": ("", "classification"),
     "train.placement_strategy": ("PACK", "SPREAD"),
@@ -116,6 +117,12 @@ def validate(cfg: Any) -> list[str]:
     return p
 
 
+ON_POLICY_TUNE = (
+    "train.teacher: on_policy runs in `raydapt train`/`run`, not in tune sweeps "
+    "(each trial would need its own rollout and teacher engines)"
+)
+
+
 def _on_policy(cfg: Any) -> list[str]:
     """What on-policy distillation needs of the other settings."""
     tc = cfg.train
@@ -137,6 +144,18 @@ def _on_policy(cfg: Any) -> list[str]:
             f"train.kd_alpha: on_policy trains on the student's own samples, where CE "
             f"would reinforce its mistakes; set 1.0 (got {tc.kd_alpha})"
         )
+    r = cfg.rollout
+    if not 0.0 <= r.on_policy_fraction <= 1.0:
+        p.append(f"rollout.on_policy_fraction: must be in [0, 1], got {r.on_policy_fraction}")
+    elif r.on_policy_fraction < 1.0 and cfg.prepare.pack:
+        p.append(
+            "rollout.on_policy_fraction < 1 trains some steps on the prepared reference "
+            "responses, one per row: set prepare.pack: false"
+        )
+    if r.max_engine_restarts < 0:
+        p.append(f"rollout.max_engine_restarts: must be >= 0, got {r.max_engine_restarts}")
+    if "tune" in cfg.stages:
+        p.append(ON_POLICY_TUNE + "; remove tune from stages")
     return p
 
 

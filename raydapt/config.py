@@ -138,6 +138,27 @@ class RolloutConfig:
     max_tokens: int = _f(64, "Maximum new tokens per completion.")
     sync_every: int = _f(1, "Push the trainer's weights to the rollout engines every N steps.")
     seed: int = _f(0, "Base seed; each completion's seed derives from it, the step and the row.")
+    on_policy_fraction: float = _f(
+        1.0,
+        "GKD's lambda: the share of steps trained on the student's own samples; the other "
+        "steps train on the prepared reference responses, scored by the teacher "
+        "(< 1 needs prepare.pack: false).",
+    )
+    eos_guard: str = _f(
+        "stop",
+        "stop | mask | off. When the teacher gives the student's end-of-sequence token a "
+        "median log-prob below eos_min_logprob where the student ended, the two disagree on "
+        "where answers end and the KD loss drives response length to collapse or run away: "
+        "stop the run with an error, or mask that position out of the loss.",
+    )
+    eos_min_logprob: float = _f(
+        -9.2, "The eos_guard threshold (natural log; -9.2 is a probability of 1e-4)."
+    )
+    max_engine_restarts: int = _f(
+        3,
+        "Rollout or teacher engines lost (actor or node died) and replaced per step; the step "
+        "is redone with the same seeds, so no batch is trained twice.",
+    )
 
 
 @dataclass

@@ -27,19 +27,34 @@ def step_seed(base: int, step: int, row: int) -> int:
     return int(h[:8], 16) & 0x7FFFFFFF
 
 
+def on_policy_step(seed: int, step: int, fraction: float) -> bool:
+    """GKD's coin: whether step `step` trains on the student's own samples (probability
+    `fraction`, GKD's lambda) or on the reference responses; the same for a redone step."""
+    if fraction >= 1:
+        return True
+    return bool(np.random.default_rng(step_seed(seed, step, -2)).random() < fraction)
+
+
 def rollout_rows(
     step: int,
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     scores: Sequence[Scored],
     k: int,
+    unlearn_last: Sequence[bool] | None = None,
 ) -> pa.Table:
-    """One step's rows, in the targets schema plus `teacher_token_logprob`."""
+    """One step's rows, in the targets schema plus `teacher_token_logprob`.
+
+    `unlearn_last[i]`: row i's last response token (its EOS) leaves the loss (the EOS guard).
+    """
     ids, seqs, masks = [], [], []
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         ids.append(f"s{step:07d}-{i:04d}")
         seqs.append(np.asarray([*p, *r], np.int32))
-        masks.append(response_loss_mask(len(p), len(r)))
+        mask = response_loss_mask(len(p), len(r))
+        if unlearn_last is not None and unlearn_last[i] and len(r):
+            mask[len(p) + len(r) - 2] = 0  # the position that predicts the last token
+        masks.append(mask)
     table = make_table(ids, seqs, masks, [s[0] for s in scores], [s[1] for s in scores], k, "int32")
     tok = pa.array([np.asarray(s[2], np.float32) for s in scores], pa.list_(pa.float32()))
     return table.append_column("teacher_token_logprob", tok)

@@ -16,6 +16,15 @@ different nodes; the teacher never enters the trainer's memory.
 Ordering: rank 0 pushes weights after step s and all ranks meet at a barrier before any asks
 for step s + 1, so with `sync_every: 1` every batch is sampled from the weights that train on
 it (`lag` 0); with N, batches lag by up to N - 1 steps, recorded per step.
+
+Faults: an engine that dies mid-step (its actor or node lost) is replaced, a new rollout engine
+gets the latest pushed weights, and the whole step is redone with the same seeds; rows leave
+the source only complete, so no batch is trained twice (`redone` counts the redos).
+
+GKD's mix (`rollout.on_policy_fraction` < 1): a seeded coin per step picks the student's own
+samples or the prepared reference responses; both are scored by the teacher alike.
+
+The EOS guard (`rollout.eos_guard`): see `eos_check`.
 """
 
 from __future__ import annotations
@@ -31,10 +40,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydapt.config import RolloutConfig
-from raydapt.onpolicy.rows import length_stats, rollout_rows, step_seed
+from raydapt.errors import UserError
+from raydapt.faults import park_until_killed
+from raydapt.onpolicy.rows import length_stats, on_policy_step, rollout_rows, step_seed
 from raydapt.teach.spec import ActorSpec, Sampling
 
 ENV_KEYS = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+HOLD_ENGINE_ENV = "RAYDAPT_HOLD_ENGINE"  # fault tests: role:call, e.g. rollout:2 (see EngineHold)
+
+
+@dataclass(frozen=True)
+class EngineHold:
+    """Fault injection (tests/faults, bench/chaos.py): the `call`-th generate (role rollout)
+    or score (role teacher) call of an engine parks until killed, once: the first engine to
+    get there writes `file` (its pid), and engines that find the file go on."""
+
+    role: str
+    call: int
+    file: str
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,8 @@ class SourceSpec:
     teacher_gpus: float
     teacher_kv_gib: float
     rows_per_step: int
+    reference_files: tuple[str, ...] = ()  # prepared train shards (on_policy_fraction < 1)
+    hold: EngineHold | None = None
 
 
 def engine_env(kv_cache_gib: float, gpus: float) -> dict[str, str]:
@@ -63,22 +88,105 @@ def engine_env(kv_cache_gib: float, gpus: float) -> dict[str, str]:
 class EngineActor:
     """One vLLM engine for life: a rollout engine (student) or a teacher engine."""
 
-    def __init__(self, spec: ActorSpec):
+    def __init__(self, spec: ActorSpec, role: str = "", hold: EngineHold | None = None):
         from raydapt.teach.vllm_backend import VLLMBackend
 
         self.backend = VLLMBackend(spec)
+        self.role, self.hold, self.calls = role, hold, 0
+
+    def _count_call(self) -> None:
+        self.calls += 1
+        h = self.hold
+        if h and h.role == self.role and h.call == self.calls and not os.path.exists(h.file):
+            park_until_killed(h.file, {"role": self.role, "call": self.calls})
 
     def generate(
         self, prompts: list[list[int]], seeds: list[int], gen: Sampling
     ) -> list[tuple[list[int], bool]]:
+        self._count_call()
         out = self.backend.generate(prompts, [[s] for s in seeds], gen)
         return [(row[0][0], row[0][2]) for row in out]
 
     def score_tokens(self, seqs: list[np.ndarray]) -> list:
+        self._count_call()
         return self.backend.score_tokens(seqs)
 
     def load_weights(self, payload: dict, version: int) -> float:
         return self.backend.load_weights(payload, version)
+
+
+class EnginesLost(Exception):
+    """Engines of one pool died during a step (indices into the pool)."""
+
+    def __init__(self, role: str, dead: list[int], cause: BaseException):
+        super().__init__(f"{role} engines {dead} died: {cause}")
+        self.role, self.dead = role, dead
+
+
+def gather(role: str, futures: list) -> list:
+    """Every future's result, in order; EnginesLost naming each dead engine, if any died."""
+    import ray
+
+    results, dead, cause = [], [], None
+    for i, f in enumerate(futures):
+        try:
+            results.append(ray.get(f))
+        except ray.exceptions.RayActorError as e:
+            dead.append(i)
+            cause = e
+    if dead:
+        raise EnginesLost(role, dead, cause)
+    return results
+
+
+def eos_check(
+    step: int,
+    ends: list[float],
+    n: int,
+    cfg: RolloutConfig,
+) -> bool:
+    """The EOS guard. `ends`: the teacher's log-prob of the end-of-sequence token at each of
+    this step's n responses that ended with it. True when that position must leave the loss
+    (eos_guard: mask); raises UserError (eos_guard: stop).
+
+    Why: when the teacher and the student end answers with different tokens (a chat model's
+    end-of-turn against the tokenizer's eos), the teacher gives the student's EOS almost no
+    mass, the KD loss pushes the student off it, and response lengths run to max_tokens (or,
+    the other way round, collapse); the length statistics show it only after the damage.
+    """
+    if cfg.eos_guard == "off" or not ends:
+        return False
+    median = float(np.median(ends))
+    if median >= cfg.eos_min_logprob:
+        return False
+    if cfg.eos_guard == "mask":
+        return True
+    raise UserError(
+        f"rollout.eos_guard: at step {step} the student ended {len(ends)} of {n} responses "
+        f"with its end-of-sequence token, and the teacher gives that token a median log-prob "
+        f"of {median:.1f} there (below rollout.eos_min_logprob={cfg.eos_min_logprob}): the "
+        "two disagree on where answers end, and distilling that drives response length to "
+        "run away or collapse. Check that teacher and student end turns with the same token "
+        "(the tokenizer's eos, the chat template's end of turn), or set rollout.eos_guard: "
+        "mask (train without that position) or off"
+    )
+
+
+def references(files: tuple[str, ...], max_len: int, max_tokens: int) -> list[tuple[list, list]]:
+    """(prompt, response) token lists of unpacked prepared rows: the response is what the row
+    learns (from its first loss position on), cut to max_tokens; rows longer than max_len
+    are left out (the teacher engine could not score them)."""
+    out = []
+    for f in files:
+        t = pq.read_table(f, columns=["input_ids", "loss_mask"])
+        for ids, mask in zip(t.column("input_ids").to_pylist(), t.column("loss_mask").to_pylist()):
+            first = mask.index(1) if 1 in mask else -1
+            if first < 0:
+                continue
+            prompt, response = ids[: first + 1], ids[first + 1 :][:max_tokens]
+            if len(prompt) + len(response) + 1 <= max_len:
+                out.append((prompt, response))
+    return out
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -91,8 +199,6 @@ class RolloutSource:
     """Serves each step's on-policy rows (see the module docstring)."""
 
     def __init__(self, spec: SourceSpec):
-        import ray
-
         table = pq.read_table(spec.prompts_file, columns=["prompt_ids", "split"])
         train = table.filter(pc.equal(table.column("split"), "train"))
         self.prompts = [list(p) for p in train.column("prompt_ids").to_pylist()]
@@ -100,50 +206,104 @@ class RolloutSource:
             raise ValueError(f"{spec.prompts_file}: no prompts of split train")
         self.spec = spec
         c = spec.cfg
-        engine = ray.remote(EngineActor)
-        self.rollouts = [
-            engine.options(
-                num_cpus=c.cpus_per_actor,
-                num_gpus=c.gpus_per_actor,
-                runtime_env={"env_vars": engine_env(c.kv_cache_gib, c.gpus_per_actor)},
-            ).remote(spec.rollout)
-            for _ in range(c.num_actors)
-        ]
-        self.teachers = [
-            engine.options(
-                num_cpus=spec.teacher_cpus,
-                num_gpus=spec.teacher_gpus,
-                runtime_env={"env_vars": engine_env(spec.teacher_kv_gib, spec.teacher_gpus)},
-            ).remote(spec.teacher)
-            for _ in range(spec.teacher_actors)
-        ]
+        self.references: list[tuple[list, list]] = []
+        if c.on_policy_fraction < 1:
+            self.references = references(
+                spec.reference_files, spec.rollout.max_model_len, c.max_tokens
+            )
+            if not self.references:
+                raise ValueError(f"{spec.reference_files}: no reference rows short enough")
+        self.rollouts = [self._engine("rollout") for _ in range(c.num_actors)]
+        self.teachers = [self._engine("teacher") for _ in range(spec.teacher_actors)]
         self.version = 0
+        self.payload: list = []  # [ObjectRef] of the last pushed weights, for new engines
         self.cache: dict[int, tuple[pa.Table, dict]] = {}
 
-    def batch(self, step: int) -> tuple[pa.Table, dict]:
-        """Step `step`'s rows (rows_per_step of them) and their statistics."""
+    def _engine(self, role: str) -> Any:
         import ray
 
+        s, c = self.spec, self.spec.cfg
+        cpus, gpus, kv, spec = (
+            (c.cpus_per_actor, c.gpus_per_actor, c.kv_cache_gib, s.rollout)
+            if role == "rollout"
+            else (s.teacher_cpus, s.teacher_gpus, s.teacher_kv_gib, s.teacher)
+        )
+        return (
+            ray.remote(EngineActor)
+            .options(
+                num_cpus=cpus,
+                num_gpus=gpus,
+                runtime_env={"env_vars": engine_env(kv, gpus)},
+            )
+            .remote(spec, role, s.hold)
+        )
+
+    def _replace(self, role: str, dead: list[int]) -> None:
+        """New engines for the dead ones; a new rollout engine first gets the latest weights."""
+        import ray
+
+        pool = self.rollouts if role == "rollout" else self.teachers
+        for i in dead:
+            ray.kill(pool[i])  # an unavailable (not yet dead) actor must not come back
+            pool[i] = self._engine(role)
+            if role == "rollout" and self.payload:
+                ray.get(pool[i].load_weights.remote(self.payload[0], self.version))
+
+    def batch(self, step: int) -> tuple[pa.Table, dict]:
+        """Step `step`'s rows (rows_per_step of them) and their statistics; a step whose
+        engines died is redone from the start with the same prompts and seeds."""
         if step in self.cache:
             return self.cache[step]
+        redone = 0
+        while True:
+            try:
+                table, stats = self._make(step)
+                break
+            except EnginesLost as e:
+                if redone >= self.spec.cfg.max_engine_restarts:
+                    raise RuntimeError(
+                        f"step {step}: {e}; gave up after rollout.max_engine_restarts="
+                        f"{self.spec.cfg.max_engine_restarts} redos"
+                    ) from e
+                print(f"[on-policy] step {step}: {e}; replacing them and redoing the step")
+                self._replace(e.role, e.dead)
+                redone += 1
+        stats["redone"] = redone
+        self.cache = {s: v for s, v in self.cache.items() if s >= step - 1}
+        self.cache[step] = (table, stats)
+        return table, stats
+
+    def _make(self, step: int) -> tuple[pa.Table, dict]:
         c, n = self.spec.cfg, self.spec.rows_per_step
+        on_policy = on_policy_step(c.seed, step, c.on_policy_fraction)
         rng = np.random.default_rng(step_seed(c.seed, step, -1))
-        pick = rng.choice(len(self.prompts), n, replace=len(self.prompts) < n)
-        prompts = [self.prompts[i] for i in pick]
-        seeds = [step_seed(c.seed, step, i) for i in range(n)]
-        gen = Sampling(temperature=c.temperature, max_tokens=c.max_tokens, seed=c.seed)
         t0 = time.perf_counter()
-        parts = zip(_split(prompts, len(self.rollouts)), _split(seeds, len(self.rollouts)))
-        futures = [a.generate.remote(p, s, gen) for a, (p, s) in zip(self.rollouts, parts)]
-        samples = [x for f in ray.get(futures) for x in f]
+        if on_policy:
+            pick = rng.choice(len(self.prompts), n, replace=len(self.prompts) < n)
+            prompts = [self.prompts[i] for i in pick]
+            seeds = [step_seed(c.seed, step, i) for i in range(n)]
+            gen = Sampling(temperature=c.temperature, max_tokens=c.max_tokens, seed=c.seed)
+            parts = zip(_split(prompts, len(self.rollouts)), _split(seeds, len(self.rollouts)))
+            futures = [a.generate.remote(p, s, gen) for a, (p, s) in zip(self.rollouts, parts)]
+            samples = [x for f in gather("rollout", futures) for x in f]
+        else:  # GKD's other share: the reference responses
+            pick = rng.choice(len(self.references), n, replace=len(self.references) < n)
+            prompts = [self.references[i][0] for i in pick]
+            samples = [(self.references[i][1], True) for i in pick]
         t1 = time.perf_counter()
         seqs = [np.asarray([*p, *r], np.int64) for p, (r, _) in zip(prompts, samples)]
         chunks = _split(seqs, len(self.teachers))
-        scored = ray.get([a.score_tokens.remote(s) for a, s in zip(self.teachers, chunks)])
-        scores = [x for part in scored for x in part]
+        futures = [a.score_tokens.remote(s) for a, s in zip(self.teachers, chunks)]
+        scores = [x for part in gather("teacher", futures) for x in part]
         t2 = time.perf_counter()
         responses = [r for r, _ in samples]
-        table = rollout_rows(step, prompts, responses, scores, self.spec.teacher.k)
+        # the teacher's log-prob of each ended response's last token (its EOS)
+        ended = [e and len(r) > 0 for r, e in samples]
+        ends = [float(sc[2][len(q) - 2]) for q, sc, e in zip(seqs, scores, ended) if e]
+        mask_eos = eos_check(step, ends, n, c)
+        table = rollout_rows(
+            step, prompts, responses, scores, self.spec.teacher.k, ended if mask_eos else None
+        )
         stats = {
             **length_stats(responses, [e for _, e in samples], c.max_tokens),
             "weight_version": self.version,
@@ -151,20 +311,27 @@ class RolloutSource:
             "rollout_s": t1 - t0,
             "score_s": t2 - t1,
             "prompt_epoch": step * n / len(self.prompts),
+            "on_policy": float(on_policy),
+            "eos_masked": sum(ended) if mask_eos else 0,
         }
-        self.cache = {s: v for s, v in self.cache.items() if s >= step - 1}
-        self.cache[step] = (table, stats)
+        if ends:
+            stats["eos_teacher_logprob"] = float(np.median(ends))
         return table, stats
 
     def sync(self, payload_ref: list, version: int) -> float:
         """Push the trainer's weights (`[ref]`: the ObjectRef, unresolved, so each engine
         reads it from the object store itself) to every rollout engine; the slowest one's
-        seconds."""
-        import ray
-
-        seconds = ray.get([a.load_weights.remote(payload_ref[0], version) for a in self.rollouts])
+        seconds. An engine lost here is replaced (with these weights) at the next step."""
+        t0 = time.perf_counter()
+        self.payload = payload_ref
         self.version = version
-        return max(seconds)
+        futures = [a.load_weights.remote(payload_ref[0], version) for a in self.rollouts]
+        try:
+            return max(gather("rollout", futures))
+        except EnginesLost as e:
+            print(f"[on-policy] sync {version}: {e}; replacing them")
+            self._replace(e.role, e.dead)
+            return time.perf_counter() - t0
 
     def shutdown(self) -> None:
         import ray

@@ -37,7 +37,7 @@ from raydapt import layout
 from raydapt.config import JobConfig, TrainConfig
 from raydapt.errors import UserError
 from raydapt.models import engine_dtype, load_tokenizer, tokenizer_hash
-from raydapt.onpolicy.source import SourceSpec, start_source
+from raydapt.onpolicy.source import HOLD_ENGINE_ENV, EngineHold, SourceSpec, start_source
 from raydapt.prepare import split_files
 from raydapt.sources import model_path
 from raydapt.storage import hash_json, read_manifest, require_manifest, write_json_atomic
@@ -126,7 +126,35 @@ def _on_policy(job: JobConfig, student: str, tok_hash: str, seq_len: int) -> Sou
         teacher_gpus=t.gpus_per_actor,
         teacher_kv_gib=t.kv_cache_gib,
         rows_per_step=tc.batch_size * max(1, tc.num_workers) * tc.grad_accum,
+        reference_files=_references(job) if r.on_policy_fraction < 1 else (),
+        hold=engine_hold_from_env(),
     )
+
+
+def _references(job: JobConfig) -> tuple[str, ...]:
+    """GKD's offline share: the prepared train rows, one document each."""
+    prepared = layout.prepared_dir(job)
+    if (read_manifest(prepared) or {}).get("pack", True):
+        raise UserError(
+            f"rollout.on_policy_fraction={job.rollout.on_policy_fraction}: the prepared rows at "
+            f"{prepared} are packed (several documents per row); rerun `raydapt prepare JOB` "
+            "with prepare.pack: false"
+        )
+    return tuple(split_files(prepared, "train"))
+
+
+def engine_hold_from_env() -> EngineHold | None:
+    """Fault-injection point of the on-policy engines (see onpolicy.source.EngineHold)."""
+    raw = os.environ.get(HOLD_ENGINE_ENV, "")
+    if not raw:
+        return None
+    role, _, call = raw.partition(":")
+    path = os.environ.get(HOLD_FILE_ENV, "")
+    if role not in ("rollout", "teacher") or not call.isdigit() or not path:
+        raise UserError(
+            f"{HOLD_ENGINE_ENV}={raw!r}: give rollout:N or teacher:N, with {HOLD_FILE_ENV}=<path>"
+        )
+    return EngineHold(role, int(call), str(Path(path).resolve()))
 
 
 def checkpoint_key(job: JobConfig, student_path: str) -> str:

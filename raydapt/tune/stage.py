@@ -41,6 +41,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from raydapt import layout
 from raydapt import train as train_stage
+from raydapt.checks import ON_POLICY_TUNE
 from raydapt.config import JobConfig, job_from_dict
 from raydapt.errors import UserError
 from raydapt.sources import model_path
@@ -92,6 +93,8 @@ def plan(job: JobConfig) -> TunePlan:
     """The space first (it needs no data), then the trainer's own checks on a probe trial job,
     then the metric: every trial report must carry it. Reads only."""
     check_space(job)
+    if job.train.teacher == "on_policy":
+        raise UserError(ON_POLICY_TUNE)
     out = layout.tune_dir(job).resolve()
     base = _base_job(job)
     probe_dir = out / "trials" / "probe"  # never created: the probe trial only runs the checks

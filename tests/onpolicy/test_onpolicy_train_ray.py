@@ -108,3 +108,27 @@ def test_on_policy_settings_are_checked_up_front(tmp_path, tiny_model_dir):
     assert "rollout.sync_every: must be > 0" in msg
     with pytest.raises(UserError, match="reverse_kl_sampled needs the student's own samples"):
         job_from_dict({"train": {"mode": "distill", "kd_loss": "reverse_kl_sampled"}})
+
+
+@pytest.mark.slow
+def test_gkd_mix_trains_on_samples_and_references(
+    tmp_path, tiny_model_dir, student_dir, ray_session
+):
+    """rollout.on_policy_fraction = 0.5 (GKD's lambda): a seeded coin per step picks the
+    student's samples or the prepared reference responses; the teacher scores both."""
+    from raydapt.onpolicy.rows import on_policy_step
+
+    ray_session()
+    cfg = _job(tmp_path, tiny_model_dir, student_dir, kd_loss="jsd")
+    cfg.prepare.pack = False
+    cfg.rollout.on_policy_fraction = 0.5
+    coins = [on_policy_step(cfg.rollout.seed, s, 0.5) for s in range(1, 5)]
+    assert 0 < sum(coins) < 4  # this seed draws both kinds within 4 steps
+    run_stage("prepare", cfg)
+    run_train(cfg)
+    rows = train_metrics(cfg)
+    assert [bool(r["on_policy"]) for r in rows] == coins
+    for r, coin in zip(rows, coins):
+        assert math.isfinite(r["loss"]) and r["kd"] > 0 and r["tokens"] > 0
+        if not coin:  # references: nothing generated
+            assert r["rollout_s"] < 0.05 and r["response_len_max"] <= cfg.rollout.max_tokens
