@@ -10,7 +10,9 @@ reads its metrics.jsonl, then, in the same run, the baselines:
 - the trainer's wait: the share of step wall time spent waiting for rows (`wait_s`:
   rollout + teacher score + transfer), median over steps;
 - sync: seconds to push the trainer's weights into the live engine (`sync_s`), median,
-  against starting a fresh engine on the same folder (what a restart per sync would cost).
+  against starting a fresh engine on the same folder (what a restart per sync would cost);
+- asynchronous rollouts: the same run again with `rollout.max_staleness: 1` (the next step's
+  rollouts run while the trainer trains), its median step time against the synchronous one.
 
     .venv/bin/python bench/onpolicy.py                     # demo student, 12 steps
     .venv/bin/python bench/onpolicy.py --steps 6 student.init=prune ...   # overrides
@@ -76,6 +78,16 @@ def raw_baseline(
         ray.kill(actor)
 
 
+def job_overrides(out: Path, steps: int) -> list[str]:
+    return [
+        f"output_dir={out}",
+        f"train.max_steps={steps}",
+        f"train.eval_every={steps}",
+        f"train.checkpoint_every={steps}",
+        "train.resume=false",
+    ]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,25 +108,23 @@ def main() -> int:
 
     out = Path(a.out or tempfile.mkdtemp(prefix="raydapt-bench-onpolicy-"))
     steps = a.steps
-    job = load_job(
-        a.job,
-        [
-            f"output_dir={out}",
-            f"train.max_steps={steps}",
-            f"train.eval_every={steps}",
-            f"train.checkpoint_every={steps}",
-            "train.resume=false",
-            *a.overrides,
-        ],
-    )
+    job = load_job(a.job, [*job_overrides(out, steps), *a.overrides])
     connect(job.cluster, None)
     run_stage("prepare", job)
-    t0 = time.perf_counter()
-    run_stage("train", job)
-    wall = time.perf_counter() - t0
-    rows = [
-        json.loads(x) for x in (layout.train_dir(job) / "metrics.jsonl").read_text().splitlines()
-    ]
+
+    def train(j) -> tuple[list[dict], float]:
+        t0 = time.perf_counter()
+        run_stage("train", j)
+        wall = time.perf_counter() - t0
+        lines = (layout.train_dir(j) / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines], wall
+
+    rows, wall = train(job)
+    # the same run with asynchronous rollouts (one step of staleness), in its own folder
+    ajob = load_job(a.job, [*job_overrides(out / "async", steps), *a.overrides])
+    ajob.rollout.max_staleness = 1
+    run_stage("prepare", ajob)
+    arows, awall = train(ajob)
     spec = train_plan(job).on_policy
     n = spec.rows_per_step
     gen_rates = [r["response_len_mean"] * n / r["rollout_s"] for r in rows[1:]]  # skip warm-up
@@ -140,6 +150,15 @@ def main() -> int:
         f"trainer waits for rows: {statistics.median(wait_share):.1%} of step wall time "
         f"(median; rollout + teacher score)"
     )
+    step_s = statistics.median(r["step_time_s"] for r in rows[1:])
+    astep_s = statistics.median(r["step_time_s"] for r in arows[1:])
+    await_share = statistics.median(r["wait_s"] / r["step_time_s"] for r in arows[1:])
+    lags = [r["lag"] for r in arows]
+    print(
+        f"async rollouts (max_staleness 1): step {astep_s:.2f} s against {step_s:.2f} s "
+        f"synchronous ({step_s / astep_s:.2f}x), wait share {await_share:.1%}, "
+        f"lag per step {lags}, train wall {awall:.0f} s against {wall:.0f} s"
+    )
     print(
         f"sync: {sync:.3f} s per push (median of {len(syncs)}) | fresh engine start "
         f"{raw['engine_start_s']:.1f} s ({raw['engine_start_s'] / sync:.0f}x the sync)"
@@ -151,6 +170,8 @@ def main() -> int:
             ("trainer wait share of step time", statistics.median(wait_share), ""),
             ("sync seconds (median)", sync, ""),
             ("fresh engine start / sync", raw["engine_start_s"] / sync, ""),
+            ("synchronous / async step time (staleness 1)", step_s / astep_s, ">= 1.2"),
+            ("async trainer wait share of step time", await_share, ""),
         ],
         {"steps": steps, "rows_per_step": n, "model": spec.rollout.model, "overrides": a.overrides},
     )

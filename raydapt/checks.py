@@ -152,6 +152,8 @@ def _on_policy(cfg: Any) -> list[str]:
             "rollout.on_policy_fraction < 1 trains some steps on the prepared reference "
             "responses, one per row: set prepare.pack: false"
         )
+    if r.max_staleness < 0:
+        p.append(f"rollout.max_staleness: must be >= 0, got {r.max_staleness}")
     if r.max_engine_restarts < 0:
         p.append(f"rollout.max_engine_restarts: must be >= 0, got {r.max_engine_restarts}")
     if "tune" in cfg.stages:

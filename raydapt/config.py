@@ -138,6 +138,11 @@ class RolloutConfig:
     max_tokens: int = _f(64, "Maximum new tokens per completion.")
     sync_every: int = _f(1, "Push the trainer's weights to the rollout engines every N steps.")
     seed: int = _f(0, "Base seed; each completion's seed derives from it, the step and the row.")
+    max_staleness: int = _f(
+        0,
+        "0: each step's rollouts wait for the latest weights. s > 0: the next step's rollouts "
+        "run while the trainer trains, from weights at most s steps old (the `lag` per step).",
+    )
     on_policy_fraction: float = _f(
         1.0,
         "GKD's lambda: the share of steps trained on the student's own samples; the other "

@@ -21,6 +21,11 @@ Faults: an engine that dies mid-step (its actor or node lost) is replaced, a new
 gets the latest pushed weights, and the whole step is redone with the same seeds; rows leave
 the source only complete, so no batch is trained twice (`redone` counts the redos).
 
+Asynchronous rollouts (`rollout.max_staleness` s > 0): as soon as step t's rows are served, a
+thread of the source starts step t + 1's rollouts, so they run while the trainer trains step t
+(before its weights are pushed). Each engine reports the weight version it sampled with; a
+prefetched batch more than s steps behind is thrown away and sampled again.
+
 GKD's mix (`rollout.on_policy_fraction` < 1): a seeded coin per step picks the student's own
 samples or the prepared reference responses; both are scored by the teacher alike.
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +79,7 @@ class SourceSpec:
     teacher_gpus: float
     teacher_kv_gib: float
     rows_per_step: int
+    last_step: int = 0  # the trainer's max_steps: nothing is prefetched past it
     reference_files: tuple[str, ...] = ()  # prepared train shards (on_policy_fraction < 1)
     hold: EngineHold | None = None
 
@@ -102,10 +109,11 @@ class EngineActor:
 
     def generate(
         self, prompts: list[list[int]], seeds: list[int], gen: Sampling
-    ) -> list[tuple[list[int], bool]]:
+    ) -> tuple[list[tuple[list[int], bool]], int]:
+        """(response ids, ended) per prompt, and the weight version that sampled them."""
         self._count_call()
         out = self.backend.generate(prompts, [[s] for s in seeds], gen)
-        return [(row[0][0], row[0][2]) for row in out]
+        return [(row[0][0], row[0][2]) for row in out], self.backend.weight_version
 
     def score_tokens(self, seqs: list[np.ndarray]) -> list:
         self._count_call()
@@ -218,6 +226,8 @@ class RolloutSource:
         self.version = 0
         self.payload: list = []  # [ObjectRef] of the last pushed weights, for new engines
         self.cache: dict[int, tuple[pa.Table, dict]] = {}
+        self.prefetched: dict[int, Future] = {}
+        self.threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
 
     def _engine(self, role: str) -> Any:
         import ray
@@ -254,23 +264,39 @@ class RolloutSource:
         engines died is redone from the start with the same prompts and seeds."""
         if step in self.cache:
             return self.cache[step]
-        redone = 0
-        while True:
+        c = self.spec.cfg
+        redone, result, prefetched = 0, None, False
+        ahead = self.prefetched.pop(step, None)
+        if ahead is not None:
             try:
-                table, stats = self._make(step)
-                break
+                result = ahead.result()
             except EnginesLost as e:
-                if redone >= self.spec.cfg.max_engine_restarts:
+                print(f"[on-policy] step {step} (prefetched): {e}; replacing them")
+                self._replace(e.role, e.dead)
+                redone += 1
+            else:
+                prefetched = result[1]["lag"] <= c.max_staleness
+                if not prefetched:  # too old: sample again, synchronously
+                    result = None
+        while result is None:
+            try:
+                result = self._make(step)
+            except EnginesLost as e:
+                if redone >= c.max_engine_restarts:
                     raise RuntimeError(
                         f"step {step}: {e}; gave up after rollout.max_engine_restarts="
-                        f"{self.spec.cfg.max_engine_restarts} redos"
+                        f"{c.max_engine_restarts} redos"
                     ) from e
                 print(f"[on-policy] step {step}: {e}; replacing them and redoing the step")
                 self._replace(e.role, e.dead)
                 redone += 1
+        table, stats = result
         stats["redone"] = redone
+        stats["prefetched"] = float(prefetched)
         self.cache = {s: v for s, v in self.cache.items() if s >= step - 1}
         self.cache[step] = (table, stats)
+        if c.max_staleness > 0 and step < self.spec.last_step:
+            self.prefetched = {step + 1: self.threads.submit(self._make, step + 1)}
         return table, stats
 
     def _make(self, step: int) -> tuple[pa.Table, dict]:
@@ -285,11 +311,14 @@ class RolloutSource:
             gen = Sampling(temperature=c.temperature, max_tokens=c.max_tokens, seed=c.seed)
             parts = zip(_split(prompts, len(self.rollouts)), _split(seeds, len(self.rollouts)))
             futures = [a.generate.remote(p, s, gen) for a, (p, s) in zip(self.rollouts, parts)]
-            samples = [x for f in gather("rollout", futures) for x in f]
+            done = gather("rollout", futures)
+            samples = [x for rows, _ in done for x in rows]
+            version = min(int(v) for _, v in done)  # the oldest weights any engine sampled with
         else:  # GKD's other share: the reference responses
             pick = rng.choice(len(self.references), n, replace=len(self.references) < n)
             prompts = [self.references[i][0] for i in pick]
             samples = [(self.references[i][1], True) for i in pick]
+            version = self.version
         t1 = time.perf_counter()
         seqs = [np.asarray([*p, *r], np.int64) for p, (r, _) in zip(prompts, samples)]
         chunks = _split(seqs, len(self.teachers))
@@ -306,8 +335,8 @@ class RolloutSource:
         )
         stats = {
             **length_stats(responses, [e for _, e in samples], c.max_tokens),
-            "weight_version": self.version,
-            "lag": step - 1 - self.version,
+            "weight_version": version,
+            "lag": step - 1 - version,
             "rollout_s": t1 - t0,
             "score_s": t2 - t1,
             "prompt_epoch": step * n / len(self.prompts),
@@ -336,6 +365,7 @@ class RolloutSource:
     def shutdown(self) -> None:
         import ray
 
+        self.threads.shutdown(wait=False, cancel_futures=True)
         for a in self.rollouts + self.teachers:
             ray.kill(a)
 

@@ -126,6 +126,7 @@ def _on_policy(job: JobConfig, student: str, tok_hash: str, seq_len: int) -> Sou
         teacher_gpus=t.gpus_per_actor,
         teacher_kv_gib=t.kv_cache_gib,
         rows_per_step=tc.batch_size * max(1, tc.num_workers) * tc.grad_accum,
+        last_step=tc.max_steps,
         reference_files=_references(job) if r.on_policy_fraction < 1 else (),
         hold=engine_hold_from_env(),
     )

@@ -111,6 +111,26 @@ def test_on_policy_settings_are_checked_up_front(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_async_rollouts_run_ahead_within_the_staleness_bound(
+    tmp_path, tiny_model_dir, student_dir, ray_session
+):
+    """rollout.max_staleness = 1: step t + 1's rollouts start while step t trains, from the
+    weights before step t's push; every batch after the first is prefetched, one step old."""
+    ray_session()
+    cfg = _job(tmp_path, tiny_model_dir, student_dir, kd_loss="reverse_kl")
+    cfg.rollout.max_staleness = 1
+    run_stage("prepare", cfg)
+    run_train(cfg)
+    rows = train_metrics(cfg)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["prefetched"] for r in rows] == [0, 1, 1, 1]
+    for r in rows:
+        assert 0 <= r["lag"] <= 1 and r["weight_version"] == r["step"] - 1 - r["lag"]
+        assert math.isfinite(r["loss"]) and r["kd"] > 0
+    assert sum(r["lag"] for r in rows) >= 1  # the run really went ahead of its weights
+
+
+@pytest.mark.slow
 def test_gkd_mix_trains_on_samples_and_references(
     tmp_path, tiny_model_dir, student_dir, ray_session
 ):
