@@ -125,23 +125,36 @@ def student_dir(tiny_model_dir, world_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("role", ["rollout", "teacher"])
-def test_engine_killed_mid_step_the_step_is_redone(
+@pytest.mark.parametrize("role", ["rollout", "teacher", "trainer"])
+def test_killed_mid_run_the_loop_continues_exactly(
     role, tmp_path, tiny_model_dir, student_dir, undisturbed, monkeypatch
 ):
+    """An engine SIGKILLed in step 2's call: the step is redone by a new engine. The Train
+    worker SIGKILLed after step 2: the worker group restarts from the step-2 checkpoint and
+    pushes the restored weights to the rollout engine before it asks for step 3."""
     hold = tmp_path / "held.json"
-    monkeypatch.setenv("RAYDAPT_HOLD_ENGINE", f"{role}:2")  # step 2's call parks, once
     monkeypatch.setenv("RAYDAPT_HOLD_FILE", str(hold))
     cfg = _job(tmp_path, tiny_model_dir, student_dir, kd_loss="reverse_kl")
+    if role == "trainer":
+        monkeypatch.setenv("RAYDAPT_HOLD_AT_STEP", "2")
+        cfg.train.max_failures = 1
+        cfg.train.checkpoint_every = 2
+        parked = Path(f"{hold}.s2.rank0")
+    else:
+        monkeypatch.setenv("RAYDAPT_HOLD_ENGINE", f"{role}:2")  # step 2's call parks, once
+        parked = hold
     run_stage("prepare", cfg)
     killed: list = []
-    watcher = _kill_when_parked(hold, killed)
+    watcher = _kill_when_parked(parked, killed)
     run_train(cfg)
     watcher.join(5)
-    assert killed and killed[0]["role"] == role and killed[0]["call"] == 2
+    assert killed
+    if role != "trainer":
+        assert killed[0]["role"] == role and killed[0]["call"] == 2
     rows = train_metrics(cfg)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # each step trained once
-    assert [r["redone"] for r in rows] == [0, 1, 0, 0]
+    want_redone = [0, 1, 0, 0] if role != "trainer" else [0, 0, 0, 0]
+    assert [r["redone"] for r in rows] == want_redone
     assert [r["lag"] for r in rows] == [0, 0, 0, 0]  # the new engine got the latest weights
     # the redone step drew the same samples from the same weights: the run goes on exactly
     for got, want in zip(rows, undisturbed, strict=True):
