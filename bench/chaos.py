@@ -17,6 +17,16 @@ The workers park at those points through the fault-injection hooks (RAYDAPT_TEAC
 RAYDAPT_HOLD_AT_STEP / RAYDAPT_HOLD_FILE), so each fault lands where it is meant to. Prints
 faults injected and survived, target rows lost or duplicated (each prepared id must be a
 target exactly once), the final loss against the baseline, and the extra wall time.
+
+`--on-policy` runs `jobs/distill-on-policy.yaml` (prepare, train; 1 Train worker,
+train.max_failures=3) instead, with three faults:
+
+  1. SIGKILL the rollout engine in its ON_POLICY_HOLD[0]-th generate call;
+  2. SIGKILL the teacher engine in its ON_POLICY_HOLD[1]-th score call;
+  3. SIGKILL the Train worker after step ON_POLICY_HOLD[2].
+
+Each must cost a redo, not a result: every step trained once, and the losses of every step
+equal to the baseline's (the same samples from the same weights).
 """
 
 from __future__ import annotations
@@ -58,6 +68,16 @@ QUICK = [
     "train.max_steps=30",
     "train.warmup_steps=5",
     "train.eval_every=15",
+]
+ON_POLICY_JOB = ROOT / "jobs" / "distill-on-policy.yaml"
+ON_POLICY_HOLD = (3, 6, 9)  # rollout call, teacher call, Train step
+ON_POLICY = [
+    "stages=[prepare,train]",
+    "train.max_steps=14",
+    "train.checkpoint_every=3",
+    "train.eval_every=7",
+    "train.max_failures=3",
+    "corpus.world_train=200",
 ]
 WORKER_NODE = {"num_cpus": 2, "object_store_memory": 300 * 2**20, "resources": {"worker_node": 1}}
 
@@ -169,11 +189,100 @@ def outcome(out: Path, overrides: list[str]) -> dict:
     }
 
 
+def on_policy_inject(hold: Path, proc: subprocess.Popen, log: list[str]) -> None:
+    """The on-policy fault script: the rollout engine, the teacher engine, the Train worker."""
+    r, t, step = ON_POLICY_HOLD
+    for role, call in (("rollout", r), ("teacher", t)):
+        info = wait_json(hold / f"train.{role}.{call}", proc)  # <RAYDAPT_HOLD_FILE>.<role>.<call>
+        if info:
+            os.kill(info["pid"], signal.SIGKILL)
+            log.append(f"on-policy: SIGKILL the {role} engine (pid {info['pid']}) in call {call}")
+    info = wait_json(hold / f"train.s{step}.rank0", proc)
+    if info:
+        os.kill(info["pid"], signal.SIGKILL)
+        log.append(f"on-policy: SIGKILL the Train worker (pid {info['pid']}) after step {step}")
+
+
+def run_on_policy(cluster, out: Path, faults: bool) -> dict:
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    hold = out / "hold"
+    if faults:
+        hold.mkdir(parents=True, exist_ok=True)
+        r, t, step = ON_POLICY_HOLD
+        env |= {
+            "RAYDAPT_HOLD_ENGINE": f"rollout:{r},teacher:{t}",
+            "RAYDAPT_HOLD_AT_STEP": str(step),
+            "RAYDAPT_HOLD_FILE": str(hold / "train"),
+        }
+    cmd = [sys.executable, "-m", "raydapt", "run", str(ON_POLICY_JOB), f"output_dir={out}"]
+    t0 = time.perf_counter()
+    log: list[str] = []
+    with open(out.with_suffix(".log"), "w") as logf:
+        proc = subprocess.Popen(
+            [*cmd, *ON_POLICY], env=env, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT
+        )
+        injector = threading.Thread(target=on_policy_inject, args=(hold, proc, log), daemon=True)
+        if faults:
+            injector.start()
+        rc = proc.wait()
+    seconds = time.perf_counter() - t0
+    if faults:
+        injector.join(5)
+    from raydapt import layout
+    from raydapt.config import load_job
+
+    metrics = layout.train_dir(load_job(ON_POLICY_JOB, [f"output_dir={out}", *ON_POLICY]))
+    metrics = metrics / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    return {"rc": rc, "seconds": seconds, "faults": log, "rows": rows}
+
+
+def report_on_policy(base: dict, chaos: dict) -> None:
+    steps = [r["step"] for r in chaos["rows"]]
+    want = list(range(1, len(base["rows"]) + 1))
+    same = [
+        abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(b["loss"]))
+        for a, b in zip(chaos["rows"], base["rows"])
+    ]
+    ok = chaos["rc"] == 0 and steps == want and all(same)
+    print("\nfaults injected:")
+    for f in chaos["faults"]:
+        print(f"  - {f}")
+    print(
+        f"faults injected: {len(chaos['faults'])}; faults survived: "
+        f"{len(chaos['faults']) if ok else 0}"
+    )
+    print(
+        f"steps trained: {steps == want and 'each once' or steps}; steps redone by the source: "
+        f"{sum(r.get('redone', 0) for r in chaos['rows'])}; "
+        f"losses equal to the baseline's at {sum(same)} of {len(base['rows'])} steps"
+    )
+    print(
+        f"wall time: {chaos['seconds']:.0f} s with faults vs {base['seconds']:.0f} s without "
+        f"(x{chaos['seconds'] / base['seconds']:.2f}); exit codes {chaos['rc']} / {base['rc']}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="the demo job's own corpus and steps")
+    ap.add_argument("--on-policy", action="store_true", help="on-policy distillation's faults")
     ap.add_argument("--out", default=str(ROOT / "runs" / "chaos"), help="scratch folder")
     args = ap.parse_args()
+    if args.on_policy:
+        import shutil
+
+        out = Path(args.out) / "on-policy"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        cluster = start_cluster()
+        try:
+            base = run_on_policy(cluster, out / "baseline", faults=False)
+            chaos = run_on_policy(cluster, out / "chaos", faults=True)
+        finally:
+            cluster.shutdown()
+        report_on_policy(base, chaos)
+        return
     overrides = FAULT_TOLERANT + ([] if args.full else QUICK)
     out = Path(args.out)
     import shutil

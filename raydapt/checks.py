@@ -26,6 +26,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "linear", "constant"),
     "train.teacher": ("offline", "online", "on_policy"),
     "rollout.eos_guard": ("stop", "mask", "off"),
+    "teach.signal": ("topk", "sampled", "topk+sampled"),
     "train.kd_loss": ("forward_kl", "reverse_kl", "jsd", "reverse_kl_sampled"),
     "train.new_head": ("", "classification"),
     "train.placement_strategy": ("PACK", "SPREAD"),
@@ -112,8 +113,37 @@ def validate(cfg: Any) -> list[str]:
     if cfg.train.mode == "transfer" and cfg.train.freeze_layers < 0:
         p.append("train.freeze_layers: must be >= 0")
     p += _on_policy(cfg)
+    p += _signal(cfg)
     for key, spec in cfg.tune.space.items():
         p += _validate_space_entry(key, spec, cfg.train)
+    return p
+
+
+def _signal(cfg: Any) -> list[str]:
+    """Sampled teacher signals: drawn from the whole distribution, read by forward KL."""
+    t, tc = cfg.teach, cfg.train
+    if t.signal == "topk":
+        return []
+    p = []
+    if t.backend != "hf":
+        p.append(
+            f"teach.signal: {t.signal} draws from the teacher's whole distribution, which "
+            "vLLM's prompt log-probs do not return (only the top k); set teach.backend: hf"
+        )
+    if not 0 < t.samples <= 32767:
+        p.append(f"teach.samples: must be in 1..32767, got {t.samples}")
+    if t.kind == "generate":
+        p.append(f"teach.signal: {t.signal} is a scored signal; teach.kind generate scores nothing")
+    if tc.kd_temperature != 1.0:
+        p.append(
+            f"train.kd_temperature: the teacher draws at temperature 1, so teach.signal "
+            f"{t.signal} is unbiased only at 1 (got {tc.kd_temperature})"
+        )
+    if tc.mode == "distill" and tc.teacher == "offline" and tc.kd_loss != "forward_kl":
+        p.append(
+            f"train.kd_loss: teach.signal {t.signal} estimates forward KL (draws estimate "
+            f"expectations under the teacher); set train.kd_loss: forward_kl (got {tc.kd_loss})"
+        )
     return p
 
 

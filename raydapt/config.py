@@ -107,6 +107,14 @@ class TeachConfig:
     kind: str = _f("score", "score | generate | generate+score.")
     backend: str = _f("vllm", "vllm | hf (transformers reference backend).")
     k: int = _f(16, "Top-k logprobs stored per position; the distilling trainer reads the same k.")
+    signal: str = _f(
+        "topk",
+        "topk | sampled | topk+sampled: what is stored per position. topk: the top k and a "
+        "tail bucket; sampled: `samples` draws from the teacher (ids and counts; an unbiased "
+        "forward-KL estimate, RS-KD); topk+sampled: the top k exactly and the tail from draws. "
+        "Sampled kinds need backend hf (vLLM returns only the top k).",
+    )
+    samples: int = _f(32, "Draws from the teacher per position (signal sampled, topk+sampled).")
     min_actors: int = _f(1, "Minimum teacher actors in the pool.")
     max_actors: int = _f(1, "Maximum teacher actors in the pool.")
     batch_size: int = _f(32, "Rows per batch sent to one engine.")

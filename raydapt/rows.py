@@ -116,6 +116,8 @@ def collate(
         batch["label"] = torch.from_numpy(labels)
     if "topk_ids" in sub.column_names:
         batch.update(_collate_topk(sub, lens, t))
+    if "sample_ids" in sub.column_names:
+        batch.update(_collate_draws(sub, lens, t))
     if "teacher_token_logprob" in sub.column_names:  # on-policy rows: log p of each next token
         lp, loff = _list_values(sub.column("teacher_token_logprob"))
         out_lp = np.zeros((b, t), np.float32)
@@ -141,3 +143,24 @@ def _collate_topk(sub: pa.Table, lens: np.ndarray, t: int) -> dict[str, torch.Te
         out_ids[i, :n] = flat_ids[off[i] : off[i + 1]]
         out_lp[i, :n] = flat_lp[off[i] : off[i + 1]]
     return {"topk_ids": torch.from_numpy(out_ids), "topk_logprobs": torch.from_numpy(out_lp)}
+
+
+def _collate_draws(sub: pa.Table, lens: np.ndarray, t: int) -> dict[str, torch.Tensor]:
+    """sample_ids / sample_counts (list<list<>> per row) -> (B, T, m) int64 each, m the most
+    distinct draws at any position of the batch; unused slots have count 0 (and id 0)."""
+    ids_col = sub.column("sample_ids").combine_chunks()
+    cnt_col = sub.column("sample_counts").combine_chunks()
+    rows = ids_col.offsets.to_numpy()  # row i: positions rows[i]..rows[i+1]
+    pos = ids_col.values.offsets.to_numpy()  # position j: values pos[j]..pos[j+1]
+    ids = ids_col.values.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    cnt = cnt_col.values.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    per = np.diff(pos)
+    b, m = len(lens), max(int(per.max()) if len(per) else 0, 1)
+    out_ids = np.zeros((b, t, m), np.int64)
+    out_cnt = np.zeros((b, t, m), np.int64)
+    for i in range(b):
+        for j, p in enumerate(range(rows[i], rows[i + 1])):
+            n = per[p]
+            out_ids[i, j, :n] = ids[pos[p] : pos[p + 1]]
+            out_cnt[i, j, :n] = cnt[pos[p] : pos[p + 1]]
+    return {"sample_ids": torch.from_numpy(out_ids), "sample_counts": torch.from_numpy(out_cnt)}

@@ -9,6 +9,14 @@ Parquet files plus `manifest.json`, one row per training sequence (the contract 
                                                        (aligned with logits[t])
     topk_ids       list<fixed_size_list<ID, k>>        teacher's top-k ids for token t+1
     topk_logprobs  list<fixed_size_list<float16, k>>   their log-probabilities (temperature 1)
+    sample_ids     list<list<ID>>                      signal sampled | topk+sampled: the
+                                                       distinct ids drawn at position t
+    sample_counts  list<list<COUNT>>                   how often each was drawn (COUNT uint8
+                                                       up to 255 draws, else uint16)
+
+Signals (`teach.signal`, the manifest's `signal`, absent = topk): `topk` stores the top-k
+columns; `sampled` stores only the sample columns (`samples` draws from the whole teacher
+distribution, RS-KD); `topk+sampled` both, the draws taken from outside the top k.
 
 Alignment: position t holds the teacher's distribution over token t+1 given tokens 0..t,
 the same alignment as the student's `logits[t]`; vLLM's `prompt_logprobs[t+1]` is that
@@ -41,8 +49,17 @@ def id_dtype_for(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "int32"
 
 
+def count_type(samples: int) -> pa.DataType:
+    return pa.uint8() if samples <= 255 else pa.uint16()
+
+
 def schema(
-    k: int, id_dtype: str = "int32", generation: bool = False, logits: bool = True
+    k: int,
+    id_dtype: str = "int32",
+    generation: bool = False,
+    logits: bool = True,
+    signal: str = "topk",
+    samples: int = 0,
 ) -> pa.Schema:
     ids_t = {"uint16": pa.uint16(), "int32": pa.int32()}[id_dtype]
     fields = [
@@ -50,7 +67,12 @@ def schema(
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("loss_mask", pa.list_(pa.uint8())),
     ]
-    if logits:
+    if logits and signal != "topk":
+        fields += [
+            pa.field("sample_ids", pa.list_(pa.list_(ids_t))),
+            pa.field("sample_counts", pa.list_(pa.list_(count_type(samples)))),
+        ]
+    if logits and signal != "sampled":
         fields += [
             pa.field("topk_ids", pa.list_(pa.list_(ids_t, k))),
             pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16(), k))),
@@ -87,19 +109,30 @@ def make_table(
     k: int,
     id_dtype: str = "int32",
     generation: dict[str, list] | None = None,
+    draws: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
+    signal: str = "topk",
+    samples: int = 0,
 ) -> pa.Table:
     """Dense per-row arrays -> a table in the targets schema.
 
-    topk_ids[i] and topk_logprobs[i] have shape (T_i, k), aligned with input_ids[i] (T_i,).
+    topk_ids[i] and topk_logprobs[i] have shape (T_i, k), aligned with input_ids[i] (T_i,);
+    for the sampled signals, draws = (ids, counts) with draws[0][i] of shape (T_i, s) (count
+    0: an unused slot, dropped here).
     """
-    logits = topk_ids is not None
-    sch = schema(k, id_dtype, generation is not None, logits)
+    logits = topk_ids is not None or draws is not None
+    sch = schema(k, id_dtype, generation is not None, logits, signal, samples)
     cols: dict[str, pa.Array] = {
         "id": pa.array(ids, pa.string()),
         "input_ids": pa.array([np.asarray(x, np.int32) for x in input_ids], pa.list_(pa.int32())),
         "loss_mask": pa.array([np.asarray(x, np.uint8) for x in loss_mask], pa.list_(pa.uint8())),
     }
-    if logits:
+    if logits and signal != "topk":
+        if draws is None:
+            raise ValueError(f"signal {signal!r} needs the teacher's draws")
+        id_t = sch.field("sample_ids").type.value_type.value_type
+        cnt_t = sch.field("sample_counts").type.value_type.value_type
+        cols["sample_ids"], cols["sample_counts"] = _draw_lists(*draws, id_t, cnt_t)
+    if logits and signal != "sampled":
         np_id = np.uint16 if id_dtype == "uint16" else np.int32
         for i, (t, a, b) in enumerate(zip(input_ids, topk_ids, topk_logprobs)):
             if a.shape != (len(t), k) or b.shape != (len(t), k):
@@ -123,6 +156,32 @@ def make_table(
         cols["text"] = pa.array(generation["text"], pa.string())
         cols["sample_index"] = pa.array(generation["sample_index"], pa.int32())
     return pa.table([cols[f.name] for f in sch], schema=sch)
+
+
+def _draw_lists(
+    ids: list[np.ndarray], counts: list[np.ndarray], id_t: pa.DataType, cnt_t: pa.DataType
+) -> tuple[pa.Array, pa.Array]:
+    """Per-row (T, s) ids and counts -> list<list<ID>> and list<list<COUNT>>, keeping the
+    slots drawn at least once (in their order), without Python loops over positions."""
+    rows = np.zeros(len(ids) + 1, np.int32)
+    rows[1:] = np.cumsum([len(a) for a in ids])
+    keep = [np.asarray(c) > 0 for c in counts]
+    per_pos = np.concatenate([k.sum(1) for k in keep]) if ids else np.zeros(0, np.int64)
+    inner = np.zeros(len(per_pos) + 1, np.int32)
+    inner[1:] = np.cumsum(per_pos)
+    np_id = np.uint16 if id_t == pa.uint16() else np.int32
+    np_cnt = np.uint8 if cnt_t == pa.uint8() else np.uint16
+    flat_ids = np.concatenate([np.asarray(a)[k] for a, k in zip(ids, keep)]) if ids else []
+    flat_cnt = np.concatenate([np.asarray(c)[k] for c, k in zip(counts, keep)]) if ids else []
+    out_ids = pa.ListArray.from_arrays(
+        pa.array(rows),
+        pa.ListArray.from_arrays(pa.array(inner), pa.array(np.asarray(flat_ids, np_id), id_t)),
+    )
+    out_cnt = pa.ListArray.from_arrays(
+        pa.array(rows),
+        pa.ListArray.from_arrays(pa.array(inner), pa.array(np.asarray(flat_cnt, np_cnt), cnt_t)),
+    )
+    return out_ids, out_cnt
 
 
 def decode_row_topk(table: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,10 +278,30 @@ def read_targets(folder: str | os.PathLike) -> tuple[dict, list[Path]]:
     return m, sorted(folder.glob("targets-*.parquet"))
 
 
-def check_compatible(manifest: dict, student_tokenizer_hash: str, teach_k: int, where: str) -> None:
+def check_compatible(
+    manifest: dict,
+    student_tokenizer_hash: str,
+    teach_k: int,
+    where: str,
+    signal: str = "topk",
+    samples: int = 0,
+) -> None:
     """Logit targets only make sense with the student's tokenizer, and are the ones this job's
-    `teach` section asks for only when they hold top-`teach.k` (the trainer reads teach.k)."""
+    `teach` section asks for only when they hold top-`teach.k` of the `teach.signal` kind (the
+    trainer reads both). Targets written before signals existed hold top-k."""
     problems = []
+    held = manifest.get("signal") or "topk"
+    if held != signal:
+        problems.append(
+            f"the targets hold the {held!r} signal but teach.signal={signal!r}; rerun "
+            f"`raydapt teach JOB` to write {signal!r} targets, or set teach.signal={held}"
+        )
+    elif signal != "topk" and manifest.get("samples") != samples:
+        problems.append(
+            f"the targets hold {manifest.get('samples')} draws per position but "
+            f"teach.samples={samples}; rerun `raydapt teach JOB`, or set "
+            f"teach.samples={manifest.get('samples')}"
+        )
     t_hash = manifest.get("tokenizer_hash")
     if t_hash != student_tokenizer_hash:
         problems.append(
@@ -232,7 +311,7 @@ def check_compatible(manifest: dict, student_tokenizer_hash: str, teach_k: int, 
             "the student's tokenizer (teach.kind=score needs a shared vocabulary)"
         )
     k = manifest.get("k")
-    if isinstance(k, int) and k != teach_k:
+    if isinstance(k, int) and k != teach_k and signal != "sampled":
         problems.append(
             f"the targets hold top-{k} but teach.k={teach_k}; rerun `raydapt teach JOB` "
             f"to score top-{teach_k}, or set teach.k={k}"

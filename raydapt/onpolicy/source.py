@@ -52,18 +52,21 @@ from raydapt.onpolicy.rows import length_stats, on_policy_step, rollout_rows, st
 from raydapt.teach.spec import ActorSpec, Sampling
 
 ENV_KEYS = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
-HOLD_ENGINE_ENV = "RAYDAPT_HOLD_ENGINE"  # fault tests: role:call, e.g. rollout:2 (see EngineHold)
+HOLD_ENGINE_ENV = "RAYDAPT_HOLD_ENGINE"  # fault tests: role:call[,...], e.g. rollout:2,teacher:5
 
 
 @dataclass(frozen=True)
 class EngineHold:
-    """Fault injection (tests/faults, bench/chaos.py): the `call`-th generate (role rollout)
-    or score (role teacher) call of an engine parks until killed, once: the first engine to
-    get there writes `file` (its pid), and engines that find the file go on."""
+    """Fault injection (tests/onpolicy, bench/chaos.py): at each (role, call) of `points`, the
+    call-th generate (role rollout) or score (role teacher) call of an engine parks until
+    killed, once: the first engine to get there writes `<file>.<role>.<call>` (its pid), and
+    engines that find the file go on. Calls count per engine process."""
 
-    role: str
-    call: int
+    points: tuple[tuple[str, int], ...]
     file: str
+
+    def path(self, role: str, call: int) -> str:
+        return f"{self.file}.{role}.{call}"
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,10 @@ class EngineActor:
     def _count_call(self) -> None:
         self.calls += 1
         h = self.hold
-        if h and h.role == self.role and h.call == self.calls and not os.path.exists(h.file):
-            park_until_killed(h.file, {"role": self.role, "call": self.calls})
+        if h and (self.role, self.calls) in h.points:
+            path = h.path(self.role, self.calls)
+            if not os.path.exists(path):
+                park_until_killed(path, {"role": self.role, "call": self.calls})
 
     def generate(
         self, prompts: list[list[int]], seeds: list[int], gen: Sampling

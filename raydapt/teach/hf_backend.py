@@ -8,6 +8,8 @@ test and a fallback where vLLM does not run. Generation samples prompt by prompt
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from raydapt.models import load_model, load_tokenizer
@@ -30,6 +32,7 @@ class HFBackend:
         self.device = "cuda" if torch.cuda.is_available() and spec.num_gpus else "cpu"
         self.model.to(self.device)
         self.max_batch_tokens = int(spec.hf_batch_tokens)
+        self.signal, self.samples, self.seed = spec.signal, int(spec.samples), int(spec.seed)
 
     def score(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each (T,) row -> (T, k) top-k ids and logprobs, in micro-batches of similar rows."""
@@ -70,6 +73,8 @@ class HFBackend:
             input_ids=ids.to(self.device), attention_mask=attn.to(self.device)
         ).logits  # (B, T, V)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        if self.signal != "topk":
+            return [self._draws(logp[b, : len(s)], s) for b, s in enumerate(seqs)]
         top_lp, top_id = logp.topk(self.k, dim=-1)  # (B, T, k), sorted descending
         res = []
         for b, s in enumerate(seqs):
@@ -79,6 +84,27 @@ class HFBackend:
             pad_row(a, p, n - 1)
             res.append((a, p))
         return res
+
+    def _draws(self, logp, seq: np.ndarray) -> tuple:
+        """One row's sampled signal: (top-k ids, logprobs or None, draw ids, counts), (T, .)
+        each; the generator is seeded from teach.seed and the row's tokens, so a row draws the
+        same samples however it is batched. The last position (no next token) has no draws."""
+        import torch
+
+        from raydapt.train.sampled_kd import draw_samples, topk_plus_samples
+
+        h = hashlib.sha256(np.asarray(seq, np.int64).tobytes()).hexdigest()[:8]
+        gen = torch.Generator(device=logp.device).manual_seed(self.seed ^ int(h, 16))
+        a = p = None
+        if self.signal == "sampled":
+            ids, counts = draw_samples(logp, self.samples, gen)
+        else:
+            top_id, top_lp, ids, counts = topk_plus_samples(logp, self.k, self.samples, gen)
+            a = top_id.cpu().numpy().astype(np.int64)
+            p = top_lp.cpu().numpy().astype(np.float32)
+            pad_row(a, p, len(seq) - 1)
+        counts[-1] = 0
+        return a, p, ids.cpu().numpy(), counts.cpu().numpy()
 
     def generate(
         self, prompts: list[list[int]], seeds: list[list[int]], gen: Sampling

@@ -23,6 +23,8 @@ class ActorSpec:
 
     model: str
     k: int = 16
+    signal: str = "topk"  # topk | sampled | topk+sampled (teach.signal)
+    samples: int = 0  # draws per position for the sampled signals
     dtype: str = "auto"
     backend: str = "vllm"  # vllm | hf
     kind: str = "score"  # score | generate | generate+score

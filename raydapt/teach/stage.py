@@ -284,6 +284,8 @@ def actor_spec(p: TeachPlan) -> ActorSpec:
         backend=t.backend,
         kind=t.kind,
         k=t.k,
+        signal=t.signal,
+        samples=t.samples if t.signal != "topk" else 0,
         model=teacher["path"],
         dtype=teacher["dtype"],
         max_model_len=teacher["max_model_len"],
@@ -321,6 +323,8 @@ def lineage(p: TeachPlan, fp: str) -> dict[str, Any]:
         "backend": cfg.teach.backend,
         "split": cfg.teach.split,
         "k": cfg.teach.k if logits else None,
+        "signal": cfg.teach.signal if logits else None,
+        "samples": cfg.teach.samples if logits and cfg.teach.signal != "topk" else None,
         "teacher": {
             k: teacher[k]
             for k in ("path", "weights_hash", "tokenizer_hash", "dtype", "max_model_len")

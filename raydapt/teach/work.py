@@ -28,9 +28,33 @@ def score_batch(backend: Any, batch: pa.Table, spec: ActorSpec) -> pa.Table:
     for m in masks:
         if len(m):
             m[-1] = 0  # the last position has no next token (already 0 in prepared rows)
-    dense = backend.score(seqs)
+    return scored_table(ids, seqs, masks, backend.score(seqs), spec)
+
+
+def scored_table(
+    ids: list[str],
+    seqs: list[np.ndarray],
+    masks: list[np.ndarray],
+    dense: list[tuple],
+    spec: ActorSpec,
+    generation: dict[str, list] | None = None,
+) -> pa.Table:
+    """A backend's scores -> targets rows of the spec's signal: (top-k ids, logprobs) per row,
+    and for the sampled signals (draw ids, counts) after them (top-k None for `sampled`)."""
+    topk = spec.signal != "sampled"
+    draws = ([d[2] for d in dense], [d[3] for d in dense]) if spec.signal != "topk" else None
     return make_table(
-        ids, seqs, masks, [d[0] for d in dense], [d[1] for d in dense], spec.k, spec.id_dtype
+        ids,
+        seqs,
+        masks,
+        [d[0] for d in dense] if topk else None,
+        [d[1] for d in dense] if topk else None,
+        spec.k,
+        spec.id_dtype,
+        generation,
+        draws,
+        spec.signal,
+        spec.samples,
     )
 
 
@@ -87,16 +111,7 @@ def generate_batch(
             generation,
         )
     dense = backend.score(cols["input_ids"])
-    return make_table(
-        cols["id"],
-        cols["input_ids"],
-        cols["loss_mask"],
-        [d[0] for d in dense],
-        [d[1] for d in dense],
-        spec.k,
-        spec.id_dtype,
-        generation,
-    )
+    return scored_table(cols["id"], cols["input_ids"], cols["loss_mask"], dense, spec, generation)
 
 
 def teacher_prompt_ids(tok: Any, prompt: str) -> list[int]:

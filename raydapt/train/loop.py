@@ -98,7 +98,9 @@ def is_checkpoint_step(step: int, tc: TrainConfig) -> bool:
 def reported_metrics(plan: TrainPlan) -> set[str]:
     """The metrics every report of this run carries (the reporting policy)."""
     tc = plan.job.train
-    out = {*STEP_METRICS, *objective_class(tc, plan.teacher_path is not None, plan.has_topk).parts}
+    online = plan.teacher_path is not None
+    cls = objective_class(tc, online, plan.has_topk, plan.job.teach.signal)
+    out = {*STEP_METRICS, *cls.parts}
     if plan.val_files:
         out |= {
             "val_loss",
@@ -199,7 +201,8 @@ def setup(plan: TrainPlan, tc: TrainConfig, device: torch.device):
     params = trainable(model)
     optim = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, tc))
-    return model, build_objective(tc, teacher, plan.has_topk), optim, sched, params
+    objective = build_objective(tc, teacher, plan.has_topk, plan.job.teach.signal)
+    return model, objective, optim, sched, params
 
 
 def load_tables(plan: TrainPlan, tc: TrainConfig):

@@ -15,6 +15,8 @@ it) and detached parts named in `parts` (the metrics it logs and reports).
     distill, targets without top-k         NextToken      ce   (sequence-level KD: CE on the
                                                                 teacher's generated rows)
     distill, targets with top-k (offline)  TopKDistill    kd, ce
+    distill, targets with draws (teach.signal sampled | topk+sampled)
+                                           SampledDistill kd, ce   (forward KL, RS-KD)
     distill, teacher=online                OnlineDistill  kd, ce
     distill, on_policy, reverse_kl_sampled SampledReverseKL kd, kl_estimate
     distill, on_policy, other kd_loss      TopKDistill    kd, ce   (rows: the student's samples,
@@ -45,6 +47,7 @@ from raydapt.train.losses import (
     topk_kd_loss,
 )
 from raydapt.train.modes import is_classification
+from raydapt.train.sampled_kd import sampled_kd_loss, topk_sampled_kd_loss
 
 Batch = dict[str, Tensor]
 Parts = dict[str, Tensor]
@@ -146,6 +149,19 @@ class TopKDistill(Distill):
 
 
 @dataclass(frozen=True, eq=False)
+class SampledDistill(Distill):
+    """Forward KL against the teacher's stored draws (teach.signal sampled: RS-KD's unbiased
+    estimate; topk+sampled: the top k exactly and the tail from draws)."""
+
+    def kd_term(self, logits: Tensor, batch: Batch) -> Tensor:
+        ids, counts, mask = batch["sample_ids"], batch["sample_counts"], batch["loss_mask"]
+        if "topk_ids" in batch:
+            top_ids, top_lp = batch["topk_ids"], batch["topk_logprobs"]
+            return topk_sampled_kd_loss(logits, top_ids, top_lp, ids, counts, mask, self.kd).loss
+        return sampled_kd_loss(logits, ids, counts, mask, self.kd).loss
+
+
+@dataclass(frozen=True, eq=False)
 class OnlineDistill(Distill):
     """Full-vocabulary KD against a live, frozen teacher."""
 
@@ -178,9 +194,11 @@ class SampledReverseKL(Objective):
         return loss, {"kd": loss.detach(), "kl_estimate": sampled_kl_estimate(s_tok, t_tok, mask)}
 
 
-def objective_class(tc: TrainConfig, online: bool, has_topk: bool) -> type[Objective]:
+def objective_class(
+    tc: TrainConfig, online: bool, has_topk: bool, signal: str = "topk"
+) -> type[Objective]:
     """Which objective `tc` trains with (see the module table); the driver uses it to know
-    the parts every report carries before any worker starts."""
+    the parts every report carries before any worker starts. `signal`: teach.signal."""
     if is_classification(tc):
         return Classification
     on_policy_rows = tc.teacher == "on_policy" and has_topk  # not the validation split
@@ -188,20 +206,24 @@ def objective_class(tc: TrainConfig, online: bool, has_topk: bool) -> type[Objec
         return SampledReverseKL
     if tc.mode == "distill" and online:
         return OnlineDistill
+    if tc.mode == "distill" and has_topk and signal != "topk" and not on_policy_rows:
+        return SampledDistill
     if tc.mode == "distill" and has_topk:
         return TopKDistill
     return NextToken
 
 
 def build_objective(
-    tc: TrainConfig, teacher: nn.Module | None = None, has_topk: bool = False
+    tc: TrainConfig, teacher: nn.Module | None = None, has_topk: bool = False, signal: str = "topk"
 ) -> Objective:
     """The objective of `tc`. `teacher`: the online teacher, if any; `has_topk`: the training
     rows carry topk_ids / topk_logprobs.
 
     Validation uses `build_objective(tc)`: CE (or the classification loss) only, since the
     validation split has no teacher targets."""
-    cls = objective_class(tc, teacher is not None, has_topk)
+    cls = objective_class(tc, teacher is not None, has_topk, signal)
+    if cls is SampledDistill:
+        return SampledDistill(kd_of(tc), tc.kd_alpha)
     if cls is OnlineDistill:
         return OnlineDistill(kd_of(tc), tc.kd_alpha, teacher)
     if cls is TopKDistill:

@@ -59,7 +59,9 @@ class TrainPlan:
 
     @property
     def has_topk(self) -> bool:
-        return "topk_ids" in self.train_columns or self.on_policy is not None
+        """The training rows carry the teacher's targets (top-k and/or draws)."""
+        cols = self.train_columns
+        return "topk_ids" in cols or "sample_ids" in cols or self.on_policy is not None
 
     @property
     def checkpoint_dirs(self) -> tuple[Path, Path]:

@@ -51,6 +51,7 @@ from raydapt.train.trainer import build_trainer, unwrap_user_error
 
 BASE_COLUMNS = ("id", "input_ids", "loss_mask")
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
+SAMPLE_COLUMNS = ("sample_ids", "sample_counts")
 INPUTS_FILE = "inputs.json"  # in the train folder: the data its checkpoints were trained on
 # train.* keys that change how a run goes, not the model it exports: not in the fingerprint
 RUN_ONLY_KEYS = ("resume", "max_failures", "placement_strategy", "cpus_per_worker", "torch_threads")
@@ -149,13 +150,14 @@ def engine_hold_from_env() -> EngineHold | None:
     raw = os.environ.get(HOLD_ENGINE_ENV, "")
     if not raw:
         return None
-    role, _, call = raw.partition(":")
+    points = [p.partition(":") for p in raw.split(",")]
     path = os.environ.get(HOLD_FILE_ENV, "")
-    if role not in ("rollout", "teacher") or not call.isdigit() or not path:
+    if not path or any(r not in ("rollout", "teacher") or not c.isdigit() for r, _, c in points):
         raise UserError(
-            f"{HOLD_ENGINE_ENV}={raw!r}: give rollout:N or teacher:N, with {HOLD_FILE_ENV}=<path>"
+            f"{HOLD_ENGINE_ENV}={raw!r}: give role:call pairs separated by commas (role rollout "
+            f"or teacher, e.g. rollout:2,teacher:5), with {HOLD_FILE_ENV}=<path>"
         )
-    return EngineHold(role, int(call), str(Path(path).resolve()))
+    return EngineHold(tuple((r, int(c)) for r, _, c in points), str(Path(path).resolve()))
 
 
 def checkpoint_key(job: JobConfig, student_path: str) -> str:
@@ -198,7 +200,8 @@ def _train_source(job: JobConfig, tok_hash: str) -> tuple[list[str], dict | None
     manifest, files = read_targets(folder)
     if not files:
         raise UserError(f"targets at {folder} hold no parquet files; rerun `raydapt teach JOB`")
-    check_compatible(manifest, tok_hash, job.teach.k, str(folder))
+    t = job.teach
+    check_compatible(manifest, tok_hash, t.k, str(folder), t.signal, t.samples)
     return [str(f) for f in files], manifest
 
 
@@ -298,8 +301,10 @@ def _columns(tc: TrainConfig, train_files: list[str]) -> tuple[tuple[str, ...], 
     """(train columns, validation columns): labels for classification, top-k for distill."""
     extra = ("label",) if is_classification(tc) else ()
     names = pq.read_schema(train_files[0]).names
-    topk = TOPK_COLUMNS if tc.mode == "distill" and "topk_ids" in names else ()
-    return BASE_COLUMNS + extra + topk, BASE_COLUMNS + extra
+    distill = tc.mode == "distill"
+    topk = TOPK_COLUMNS if distill and "topk_ids" in names else ()
+    draws = SAMPLE_COLUMNS if distill and "sample_ids" in names else ()
+    return BASE_COLUMNS + extra + topk + draws, BASE_COLUMNS + extra
 
 
 def plan(
