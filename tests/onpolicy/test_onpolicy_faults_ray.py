@@ -142,7 +142,7 @@ def test_killed_mid_run_the_loop_continues_exactly(
         parked = Path(f"{hold}.s2.rank0")
     else:
         monkeypatch.setenv("RAYDAPT_HOLD_ENGINE", f"{role}:2")  # step 2's call parks, once
-        parked = hold
+        parked = Path(f"{hold}.{role}.2")
     run_stage("prepare", cfg)
     killed: list = []
     watcher = _kill_when_parked(parked, killed)
