@@ -91,7 +91,7 @@ class HFBackend:
         same samples however it is batched. The last position (no next token) has no draws."""
         import torch
 
-        from raydapt.train.sampled_kd import draw_samples, topk_plus_samples
+        from raydapt.teach.draws import draw_samples, topk_plus_samples
 
         h = hashlib.sha256(np.asarray(seq, np.int64).tobytes()).hexdigest()[:8]
         gen = torch.Generator(device=logp.device).manual_seed(self.seed ^ int(h, 16))

@@ -64,7 +64,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from raydapt.teach.draws import draw_samples, tempered, topk_plus_samples
 from raydapt.train.losses import KD, _chunked_sum, _compute_dtype, _count, _head_and_tail
+
+__all__ = ["draw_samples", "topk_plus_samples"]  # the teacher side, re-exported for tests
 
 SIGNAL_KINDS = ("topk", "sampled", "topk+sampled")
 
@@ -234,78 +237,6 @@ def topk_sampled_kd_loss(
 # ----------------------------------------------------------------------------- teacher side
 
 
-def _compact(draws: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, s) drawn ids -> (N, s) unique ids ascending and their counts; unused slots 0, 0."""
-    srt = draws.sort(dim=-1).values
-    new = torch.ones_like(srt, dtype=torch.bool)
-    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    slot = new.long().cumsum(-1) - 1  # (N, s): the unique slot of each draw
-    counts = torch.zeros_like(srt).scatter_add_(-1, slot, torch.ones_like(srt))
-    ids = torch.zeros_like(srt).scatter_(-1, slot, srt)  # all draws in a slot share one id
-    return ids, counts
-
-
-def _tempered(teacher_logprobs: Tensor, temperature: float) -> Tensor:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return _compute_dtype(teacher_logprobs.detach()) / temperature
-
-
-def draw_samples(
-    teacher_logprobs: Tensor,
-    s: int,
-    generator: torch.Generator | None = None,
-    temperature: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """s draws with replacement per position from softmax(teacher_logprobs / temperature).
-
-    teacher_logprobs (..., V): log-probs or logits (-inf allowed). Returns (ids, counts), both
-    (..., s) int64: the unique ids ascending, then padding slots (id 0, count 0). Fixed width s
-    (at most s ids are distinct) so batches stack and store as fixed-size lists.
-    """
-    if s < 1:
-        raise ValueError(f"s must be >= 1, got {s}")
-    *lead, V = teacher_logprobs.shape
-    probs = torch.softmax(_tempered(teacher_logprobs, temperature).reshape(-1, V), dim=-1)
-    draws = torch.multinomial(probs, s, replacement=True, generator=generator)
-    ids, counts = _compact(draws)
-    return ids.reshape(*lead, s), counts.reshape(*lead, s)
-
-
-def topk_plus_samples(
-    teacher_logprobs: Tensor,
-    k: int,
-    s: int,
-    generator: torch.Generator | None = None,
-    temperature: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The exact top k plus s draws from the teacher restricted to outside the top k.
-
-    teacher_logprobs (..., V) log-probs or logits. Returns (topk_ids (..., k) int64,
-    topk_logprobs (..., k) at temperature 1 as the targets schema stores them, ids (..., s)
-    int64, counts (..., s) int64). The tail draws come from softmax(log p / temperature) over
-    the ids outside the top k; a position with no tail (k = V, or only -inf outside the top k)
-    gets count 0 everywhere.
-    """
-    *lead, V = teacher_logprobs.shape
-    if not 0 <= k <= V:
-        raise ValueError(f"k must be in [0, {V}], got {k}")
-    if s < 0:
-        raise ValueError(f"s must be >= 0, got {s}")
-    lp = F.log_softmax(_compute_dtype(teacher_logprobs.detach()), dim=-1)
-    topk_lp, topk_ids = lp.topk(k, dim=-1)
-    n = lp.numel() // max(V, 1)
-    tail = _tempered(lp, temperature).reshape(n, V).scatter(-1, topk_ids.reshape(n, k), -torch.inf)
-    has_tail = tail.amax(-1, keepdim=True) > float("-inf")  # (N, 1)
-    zeros = torch.zeros((*lead, s), dtype=torch.long, device=lp.device)
-    if s == 0 or not bool(has_tail.any()):
-        return topk_ids, topk_lp, zeros, zeros.clone()
-    probs = torch.softmax(torch.where(has_tail, tail, 0.0), dim=-1)
-    ids, counts = _compact(torch.multinomial(probs, s, replacement=True, generator=generator))
-    ids, counts = torch.where(has_tail, ids, 0), torch.where(has_tail, counts, 0)
-    return topk_ids, topk_lp, ids.reshape(*lead, s), counts.reshape(*lead, s)
-
-
 def target_entropy(teacher_logprobs: Tensor, k: int = 0, temperature: float = 1.0) -> Tensor:
     """Exact entropy H(p') of the target at tau with a top-k head (module docstring), (...,).
 
@@ -317,7 +248,7 @@ def target_entropy(teacher_logprobs: Tensor, k: int = 0, temperature: float = 1.
     valid = vals > float("-inf")
     out = _head_and_tail(vals, valid, temperature)  # (..., k + 1)
     head = -torch.where(valid, out[..., :k].exp() * out[..., :k], 0.0).sum(-1)
-    tail_x = _tempered(lp, temperature).scatter(-1, idx, float("-inf"))
+    tail_x = tempered(lp, temperature).scatter(-1, idx, float("-inf"))
     has_tail = tail_x.amax(-1) > float("-inf")
     inner = F.log_softmax(torch.where(has_tail.unsqueeze(-1), tail_x, 0.0), dim=-1)
     inner_h = -torch.where(tail_x > float("-inf"), inner.exp() * inner, 0.0).sum(-1)
