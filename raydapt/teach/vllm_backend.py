@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from raydapt.teach import dense_logprobs
 from raydapt.teach.convert import dense_from_flat, pad_row
 from raydapt.teach.spec import ActorSpec, Sampling
 
@@ -57,6 +58,14 @@ class VLLMBackend:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.model_dir = spec.model
+        # prompt log-probs straight from the engine's tensors (teach/dense_logprobs.py); only
+        # an engine in this process lets the patch see them
+        self.dense = (
+            os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+            and os.environ.get("RAYDAPT_DENSE_LOGPROBS", "1") != "0"
+        )
+        if self.dense:
+            dense_logprobs.install()
         self.weight_version: int | str = 0  # bumped by every load_weights
 
     def load_weights(self, payload: dict, version: int | str) -> float:
@@ -95,6 +104,7 @@ class VLLMBackend:
             detokenize=False,
             flat_logprobs=True,
             temperature=1.0,
+            extra_args=self._extra(),
         )
         todo = [i for i, s in enumerate(seqs) if len(s) >= 2]
         prompts = [TokensPrompt(prompt_token_ids=[int(x) for x in seqs[i][:-1]]) for i in todo]
@@ -103,7 +113,7 @@ class VLLMBackend:
         for i, out in zip(todo, outs, strict=True):
             n = len(seqs[i])
             # prompt of n-1 tokens -> rows 0..n-3 (and a padded row n-2 that we overwrite)
-            ids, lps = dense_from_flat(out.prompt_logprobs, n - 1, k)
+            ids, lps = self._prompt_topk(out, n - 1)[:2]
             last_ids, last_lps = dense_from_flat(_shift(out.outputs[0].logprobs), 2, k)
             ids = np.concatenate([ids[:-1], last_ids[:1], np.zeros((1, k), np.int64)])  # (T, k)
             lps = np.concatenate([lps[:-1], last_lps[:1], np.zeros((1, k), np.float32)])  # (T, k)
@@ -125,24 +135,46 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         k = self.k
-        sp = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
+        sp = SamplingParams(
+            max_tokens=1,
+            prompt_logprobs=k,
+            detokenize=False,
+            flat_logprobs=True,
+            extra_args=self._extra(),
+        )
         prompts = [TokensPrompt(prompt_token_ids=[int(x) for x in s]) for s in seqs]
         outs = self.llm.generate(prompts, sp, use_tqdm=False) if prompts else []
         result = []
         for seq, out in zip(seqs, outs, strict=True):
             n = len(seq)
-            flat = out.prompt_logprobs
-            ids, lps = dense_from_flat(flat, n, k)  # row t: position t + 1; row n-1 padded
-            first = np.asarray(flat.start_indices[1:n], np.int64)
+            ids, lps, own_ids, own_lps = self._prompt_topk(out, n)  # row n-1 padded
             tok = np.zeros(n, np.float32)
-            tok[: n - 1] = np.asarray(flat.logprobs, np.float32)[first]
-            if not (np.asarray(flat.token_ids, np.int64)[first] == np.asarray(seq[1:])).all():
+            tok[: n - 1] = own_lps
+            if not (own_ids == np.asarray(seq[1:])).all():
                 raise RuntimeError(
                     "vLLM's prompt_logprobs no longer put each position's own token first; "
                     "score_tokens reads the teacher's token log-probs from there"
                 )
             result.append((ids, lps, tok))
         return result
+
+    def _extra(self) -> dict | None:
+        return {dense_logprobs.DENSE: True} if self.dense else None
+
+    def _prompt_topk(self, out: Any, n: int) -> tuple[np.ndarray, ...]:
+        """One prompt of n tokens: (n, k) top-k ids and logprobs (row t: token t + 1; row n-1
+        padded), and (n - 1,) each position's own token and its log-prob."""
+        k = self.k
+        if self.dense:
+            dids, dlps, _ = dense_logprobs.take(out.request_id)
+            ids, lps = dense_logprobs.topk_rows(dids, dlps, n, k)
+            pad_row(ids, lps, n - 1)
+            return ids, lps, dids[: n - 1, 0], dlps[: n - 1, 0]
+        flat = out.prompt_logprobs
+        ids, lps = dense_from_flat(flat, n, k)
+        first = np.asarray(flat.start_indices[1:n], np.int64)
+        own_ids = np.asarray(flat.token_ids, np.int64)[first]
+        return ids, lps, own_ids, np.asarray(flat.logprobs, np.float32)[first]
 
     def generate(
         self, prompts: list[list[int]], seeds: list[list[int]], gen: Sampling
