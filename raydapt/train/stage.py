@@ -194,6 +194,10 @@ def _check_tokenizer(job: JobConfig, prepared: dict, student: str) -> tuple[str,
 def _train_source(job: JobConfig, tok_hash: str) -> tuple[list[str], dict | None]:
     """Files of the training rows: the prepared train split, or the teacher targets (offline
     distill) with their manifest."""
+    if job.train.mode == "distill" and job.train.teacher == "on_policy":
+        # the rows come from the rollout source; prepared train rows are optional (a corpus
+        # of open instructions has none) and only GKD's reference share reads them
+        return sorted(str(f) for f in (layout.prepared_dir(job) / "train").glob("*.parquet")), None
     if not _offline(job.train):
         return split_files(layout.prepared_dir(job), "train"), None
     folder = layout.targets_dir(job)
@@ -300,7 +304,7 @@ def hold_from_env() -> Hold | None:
 def _columns(tc: TrainConfig, train_files: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(train columns, validation columns): labels for classification, top-k for distill."""
     extra = ("label",) if is_classification(tc) else ()
-    names = pq.read_schema(train_files[0]).names
+    names = pq.read_schema(train_files[0]).names if train_files else []
     distill = tc.mode == "distill"
     topk = TOPK_COLUMNS if distill and "topk_ids" in names else ()
     draws = SAMPLE_COLUMNS if distill and "sample_ids" in names else ()

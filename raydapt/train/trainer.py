@@ -53,7 +53,8 @@ def build_trainer(plan: TrainPlan, callbacks: Sequence[Any] = (), source: Any = 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = plan.job.train
-    datasets = {"train": dataset(plan.train_files, plan.train_columns)}
+    # on-policy runs make their rows each step; a prompt-only corpus has no train rows at all
+    datasets = {"train": dataset(plan.train_files, plan.train_columns)} if plan.train_files else {}
     if plan.val_files:
         datasets["validation"] = dataset(plan.val_files, plan.val_columns)
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})

@@ -152,3 +152,20 @@ def test_gkd_mix_trains_on_samples_and_references(
         assert math.isfinite(r["loss"]) and r["kd"] > 0 and r["tokens"] > 0
         if not coin:  # references: nothing generated
             assert r["rollout_s"] < 0.05 and r["response_len_max"] <= cfg.rollout.max_tokens
+
+
+def test_on_policy_plans_on_a_corpus_of_open_instructions(tmp_path, tiny_model_dir, ray_session):
+    """Prompt-only rows (no responses) make no training rows, only prompts: that is all
+    on-policy distillation needs; GKD's reference share, which needs responses, refuses."""
+    ray_session()
+    corpus = tmp_path / "prompts.jsonl"
+    corpus.write_text("".join(f'{{"prompt": "say {w} twice"}}\n' for w in TEXT.split()[:20]))
+    cfg = _job(tmp_path, tiny_model_dir, tiny_model_dir)
+    cfg.corpus.source, cfg.corpus.paths = "files", [str(corpus)]
+    cfg.prepare.pack = False
+    run_stage("prepare", cfg)
+    p = train_plan(cfg)
+    assert p.train_files == () and p.on_policy is not None
+    cfg.rollout.on_policy_fraction = 0.5
+    with pytest.raises(UserError, match="has no 'train' rows"):
+        train_plan(cfg)
