@@ -124,6 +124,13 @@ class EngineActor:
         self._count_call()
         return self.backend.score_tokens(seqs)
 
+    def probe(
+        self, prompts: list[list[int]], seeds: list[int], gen: Sampling
+    ) -> list[tuple[list[int], bool]]:
+        """Samples for the EOS guard's probe (not a step's work: not counted for holds)."""
+        out = self.backend.generate(prompts, [[s] for s in seeds], gen)
+        return [(row[0][0], row[0][2]) for row in out]
+
     def load_weights(self, payload: dict, version: int) -> float:
         return self.backend.load_weights(payload, version)
 
@@ -157,17 +164,23 @@ def eos_check(
     ends: list[float],
     n: int,
     cfg: RolloutConfig,
+    teacher_ended: float,
 ) -> bool:
     """The EOS guard. `ends`: the teacher's log-prob of the end-of-sequence token at each of
-    this step's n responses that ended with it. True when that position must leave the loss
-    (eos_guard: mask); raises UserError (eos_guard: stop).
+    this step's n responses that ended with it; `teacher_ended`: the share of the teacher's
+    own samples (the source's probe at start) that ended within rollout.max_tokens. True when
+    that position must leave the loss (eos_guard: mask); raises UserError (eos_guard: stop).
 
     Why: when the teacher and the student end answers with different tokens (a chat model's
     end-of-turn against the tokenizer's eos), the teacher gives the student's EOS almost no
     mass, the KD loss pushes the student off it, and response lengths run to max_tokens (or,
     the other way round, collapse); the length statistics show it only after the damage.
+
+    Both signs are needed. A low log-prob alone also marks a student that ends too early, a
+    mistake on-policy KD should correct (a near one-hot teacher gives a premature EOS -20);
+    a teacher whose own samples never end is the mismatch.
     """
-    if cfg.eos_guard == "off" or not ends:
+    if cfg.eos_guard == "off" or not ends or teacher_ended > 0:
         return False
     median = float(np.median(ends))
     if median >= cfg.eos_min_logprob:
@@ -175,13 +188,14 @@ def eos_check(
     if cfg.eos_guard == "mask":
         return True
     raise UserError(
-        f"rollout.eos_guard: at step {step} the student ended {len(ends)} of {n} responses "
-        f"with its end-of-sequence token, and the teacher gives that token a median log-prob "
-        f"of {median:.1f} there (below rollout.eos_min_logprob={cfg.eos_min_logprob}): the "
-        "two disagree on where answers end, and distilling that drives response length to "
-        "run away or collapse. Check that teacher and student end turns with the same token "
-        "(the tokenizer's eos, the chat template's end of turn), or set rollout.eos_guard: "
-        "mask (train without that position) or off"
+        f"rollout.eos_guard: the teacher's own samples never end within rollout.max_tokens="
+        f"{cfg.max_tokens}, and at step {step} it gives the end-of-sequence token the student "
+        f"ended {len(ends)} of {n} responses with a median log-prob of {median:.1f} (below "
+        f"rollout.eos_min_logprob={cfg.eos_min_logprob}): the two disagree on where answers "
+        "end, and distilling that drives response length to run away or collapse. Check that "
+        "teacher and student end turns with the same token (the tokenizer's eos, the chat "
+        "template's end of turn) or raise rollout.max_tokens, or set rollout.eos_guard: mask "
+        "(train without that position) or off"
     )
 
 
@@ -232,6 +246,7 @@ class RolloutSource:
         self.payload: list = []  # [ObjectRef] of the last pushed weights, for new engines
         self.cache: dict[int, tuple[pa.Table, dict]] = {}
         self.prefetched: dict[int, Future] = {}
+        self.teacher_ended: float | None = None  # the EOS guard's probe, drawn once
         self.threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
 
     def _engine(self, role: str) -> Any:
@@ -252,6 +267,21 @@ class RolloutSource:
             )
             .remote(spec, role, s.hold)
         )
+
+    def _teacher_ended(self) -> float:
+        """The share of the teacher's own samples, on up to 16 train prompts at the rollout's
+        settings, that end within max_tokens: drawn once (the EOS guard's probe); 1.0 with
+        the guard off."""
+        if self.spec.cfg.eos_guard == "off":
+            return 1.0
+        if self.teacher_ended is None:
+            c = self.spec.cfg
+            prompts = self.prompts[:16]
+            gen = Sampling(temperature=c.temperature, max_tokens=c.max_tokens, seed=c.seed)
+            seeds = [step_seed(c.seed, 0, i) for i in range(len(prompts))]
+            rows = gather("teacher", [self.teachers[0].probe.remote(prompts, seeds, gen)])[0]
+            self.teacher_ended = float(np.mean([e for _, e in rows]))
+        return self.teacher_ended
 
     def _replace(self, role: str, dead: list[int]) -> None:
         """New engines for the dead ones; a new rollout engine first gets the latest weights."""
@@ -334,7 +364,7 @@ class RolloutSource:
         # the teacher's log-prob of each ended response's last token (its EOS)
         ended = [e and len(r) > 0 for r, e in samples]
         ends = [float(sc[2][len(q) - 2]) for q, sc, e in zip(seqs, scores, ended) if e]
-        mask_eos = eos_check(step, ends, n, c)
+        mask_eos = eos_check(step, ends, n, c, self._teacher_ended())
         table = rollout_rows(
             step, prompts, responses, scores, self.spec.teacher.k, ended if mask_eos else None
         )
@@ -347,6 +377,7 @@ class RolloutSource:
             "prompt_epoch": step * n / len(self.prompts),
             "on_policy": float(on_policy),
             "eos_masked": sum(ended) if mask_eos else 0,
+            "teacher_ended_fraction": self._teacher_ended(),
         }
         if ends:
             stats["eos_teacher_logprob"] = float(np.median(ends))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -24,8 +25,8 @@ from raydapt.pipeline import run_stage
 
 def eos_biased(src: Path, out: Path, world_dir: Path, sign: float) -> Path:
     """A copy of the model at `src` whose lm_head row of EOS is fitted so that log p(EOS) is
-    high (sign +1: it ends answers at once) or negligible (sign -1: it never ends) on the
-    world's prompts; only that row changes."""
+    high (sign +1: it ends answers early and often) or low (sign -1) on the world's rows;
+    only that row changes."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,6 +56,30 @@ def eos_biased(src: Path, out: Path, world_dir: Path, sign: float) -> Path:
     return out
 
 
+def never_ending(src: Path, out: Path) -> Path:
+    """A copy of the model at `src` trained (all weights, 60 Adam steps on random token
+    rows) to give EOS a log-prob below -25 everywhere: its own samples never end. Fitting
+    the head's EOS row alone does not generalise to the states the model samples into."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    eos, vocab = tok.eos_token_id, model.config.vocab_size
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        x = torch.randint(0, vocab, (8, 32), generator=gen)
+        x[x == eos] = 5
+        lp = torch.log_softmax(model(input_ids=x).logits.float(), -1)[..., eos]
+        loss = torch.nn.functional.softplus(lp + 25).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def eos_pair(tiny_model_dir, world_dir, tmp_path_factory):
     """(a student that ends early and often, a teacher that never ends) on one tokenizer."""
@@ -62,10 +87,12 @@ def eos_pair(tiny_model_dir, world_dir, tmp_path_factory):
     student = init_model(
         "tiny", world_dir / "train.jsonl", root / "s0", seed=1, tokenizer_from=tiny_model_dir
     )
-    return (
-        eos_biased(student, root / "student", world_dir, +1.0),
-        eos_biased(tiny_model_dir, root / "teacher", world_dir, -1.0),
-    )
+    student = eos_biased(student, root / "student", world_dir, +1.0)
+    teacher = never_ending(tiny_model_dir, root / "teacher")
+    for f in student.iterdir():  # the very same tokenizer files: on-policy checks its hash
+        if "token" in f.name or f.name == "chat_template.jinja":
+            shutil.copy(f, teacher / f.name)
+    return student, teacher
 
 
 @pytest.mark.slow
@@ -76,8 +103,8 @@ def test_eos_guard_stops_or_masks_a_never_ending_teacher(tmp_path, eos_pair, ray
     run_stage("prepare", cfg)
     with pytest.raises(UserError) as e:  # the default guard: stop at the first step
         run_train(cfg)
-    assert "rollout.eos_guard: at step 1" in str(e.value)
-    assert "below rollout.eos_min_logprob=-9.2" in str(e.value)
+    assert "the teacher's own samples never end" in str(e.value)
+    assert "at step 1" in str(e.value) and "below rollout.eos_min_logprob=-9.2" in str(e.value)
 
     cfg = _job(tmp_path / "mask", teacher, student, max_steps=2)
     cfg.rollout.eos_guard = "mask"
@@ -87,6 +114,7 @@ def test_eos_guard_stops_or_masks_a_never_ending_teacher(tmp_path, eos_pair, ray
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["eos_teacher_logprob"] < -9.2 and r["eos_masked"] > 0
+        assert r["teacher_ended_fraction"] == 0.0  # the probe: the teacher never ends
         assert r["ended_fraction"] > 0 and math.isfinite(r["loss"])
         # every response token is learned except each ended response's EOS
         n = cfg.train.batch_size

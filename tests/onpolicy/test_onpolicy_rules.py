@@ -31,17 +31,20 @@ def test_unlearned_eos_leaves_exactly_its_position():
 
 def test_eos_guard_stops_masks_or_lets_pass():
     cfg = RolloutConfig(eos_min_logprob=-9.2)
-    assert eos_check(3, [-1.0, -2.0, -30.0], 8, cfg) is False  # median -2: they agree
-    assert eos_check(3, [], 8, cfg) is False  # nothing ended: nothing to judge
+    never = 0.0  # the teacher's own samples never ended
+    assert eos_check(3, [-1.0, -2.0, -30.0], 8, cfg, never) is False  # median -2: they agree
+    assert eos_check(3, [], 8, cfg, never) is False  # nothing ended: nothing to judge
+    # a teacher that ends its own answers: a low log-prob is the student's early stop
+    assert eos_check(3, [-20.0, -15.0, -1.0], 8, cfg, 0.5) is False
     with pytest.raises(UserError) as e:
-        eos_check(3, [-20.0, -15.0, -1.0], 8, cfg)
+        eos_check(3, [-20.0, -15.0, -1.0], 8, cfg, never)
     msg = str(e.value)
     assert "step 3" in msg and "3 of 8 responses" in msg and "-15.0" in msg
-    assert "rollout.eos_guard: mask" in msg
+    assert "never end within rollout.max_tokens" in msg and "rollout.eos_guard: mask" in msg
     cfg.eos_guard = "mask"
-    assert eos_check(3, [-20.0, -15.0, -1.0], 8, cfg) is True
+    assert eos_check(3, [-20.0, -15.0, -1.0], 8, cfg, never) is True
     cfg.eos_guard = "off"
-    assert eos_check(3, [-20.0, -15.0, -1.0], 8, cfg) is False
+    assert eos_check(3, [-20.0, -15.0, -1.0], 8, cfg, never) is False
 
 
 def test_gkd_coin_is_seeded_per_step_with_share_lambda():
