@@ -146,18 +146,26 @@ def run_job(cluster, out: Path, overrides: list[str], faults: bool) -> dict:
             "RAYDAPT_HOLD_FILE": str(hold / "train"),
         }
     cmd = [sys.executable, "-m", "raydapt", "run", str(JOB), f"output_dir={out}", *overrides]
+    script = (lambda proc, log: inject(cluster, hold, proc, log)) if faults else None
+    rc, seconds, log = launch(cmd, env, out, script)
+    return {"rc": rc, "seconds": seconds, "faults": log, **outcome(out, overrides)}
+
+
+def launch(cmd: list[str], env: dict, out: Path, script) -> tuple[int, float, list[str]]:
+    """Run `cmd` (a `raydapt run`) to its end, its output in <out>.log, with the fault
+    `script(proc, log)` in a thread beside it (None: no faults); (exit code, seconds, the
+    faults the script logged)."""
     t0 = time.perf_counter()
+    log: list[str] = []
     with open(out.with_suffix(".log"), "w") as logf:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
-        log: list[str] = []
-        injector = threading.Thread(target=inject, args=(cluster, hold, proc, log), daemon=True)
-        if faults:
+        injector = threading.Thread(target=script, args=(proc, log), daemon=True)
+        if script is not None:
             injector.start()
         rc = proc.wait()
-    seconds = time.perf_counter() - t0
-    if faults:
+    if script is not None:
         injector.join(5)
-    return {"rc": rc, "seconds": seconds, "faults": log, **outcome(out, overrides)}
+    return rc, time.perf_counter() - t0, log
 
 
 def outcome(out: Path, overrides: list[str]) -> dict:
@@ -215,19 +223,8 @@ def run_on_policy(cluster, out: Path, faults: bool) -> dict:
             "RAYDAPT_HOLD_FILE": str(hold / "train"),
         }
     cmd = [sys.executable, "-m", "raydapt", "run", str(ON_POLICY_JOB), f"output_dir={out}"]
-    t0 = time.perf_counter()
-    log: list[str] = []
-    with open(out.with_suffix(".log"), "w") as logf:
-        proc = subprocess.Popen(
-            [*cmd, *ON_POLICY], env=env, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT
-        )
-        injector = threading.Thread(target=on_policy_inject, args=(hold, proc, log), daemon=True)
-        if faults:
-            injector.start()
-        rc = proc.wait()
-    seconds = time.perf_counter() - t0
-    if faults:
-        injector.join(5)
+    script = (lambda proc, log: on_policy_inject(hold, proc, log)) if faults else None
+    rc, seconds, log = launch([*cmd, *ON_POLICY], env, out, script)
     from raydapt import layout
     from raydapt.config import load_job
 

@@ -40,6 +40,20 @@ def next_token_targets(
     return targets, mask
 
 
+def pack_starts(lens: list[int], seq_len: int) -> list[int]:
+    """The greedy packing rule on lengths alone: the index of each row's first document. A
+    row closes when the next document would take it past seq_len (prepare's bulk writer and
+    `pack` share it)."""
+    starts: list[int] = []
+    length = 0
+    for i, n in enumerate(lens):
+        if not starts or length + n > seq_len:
+            starts.append(i)
+            length = 0
+        length += n
+    return starts
+
+
 def pack(
     docs: list[tuple[np.ndarray, np.ndarray]], seq_len: int
 ) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
@@ -47,17 +61,8 @@ def pack(
 
     Returns (input_ids, loss_mask, doc_indices) per row, loss_mask logits-aligned.
     """
-    rows = []
-    cur: list[int] = []
-    length = 0
-    for i, (ids, _) in enumerate(docs):
-        if cur and length + len(ids) > seq_len:
-            rows.append(cur)
-            cur, length = [], 0
-        cur.append(i)
-        length += len(ids)
-    if cur:
-        rows.append(cur)
+    starts = pack_starts([len(ids) for ids, _ in docs], seq_len)
+    rows = [list(range(a, b)) for a, b in zip(starts, [*starts[1:], len(docs)])]
     out = []
     for members in rows:
         ids = np.concatenate([docs[i][0] for i in members]).astype(np.int32)
@@ -158,9 +163,15 @@ def _collate_draws(sub: pa.Table, lens: np.ndarray, t: int) -> dict[str, torch.T
     b, m = len(lens), max(int(per.max()) if len(per) else 0, 1)
     out_ids = np.zeros((b, t, m), np.int64)
     out_cnt = np.zeros((b, t, m), np.int64)
-    for i in range(b):
-        for j, p in enumerate(range(rows[i], rows[i + 1])):
-            n = per[p]
-            out_ids[i, j, :n] = ids[pos[p] : pos[p + 1]]
-            out_cnt[i, j, :n] = cnt[pos[p] : pos[p + 1]]
+    # every stored draw's (row, position in its row, slot), in one scatter; the offsets are
+    # absolute (a taken or sliced column's children may hold more than its rows)
+    p_abs = np.arange(rows[0], rows[-1])  # the batch's positions
+    row_of = np.repeat(np.arange(b), np.diff(rows))
+    j_of = p_abs - rows[:-1][row_of]
+    n_of = per[p_abs]
+    d_pos = np.repeat(np.arange(len(p_abs)), n_of)  # each draw's position, batch-relative
+    slot = np.arange(len(d_pos)) - np.repeat(np.cumsum(n_of) - n_of, n_of)
+    v_abs = np.repeat(pos[p_abs], n_of) + slot  # each draw's index in the flat values
+    out_ids[row_of[d_pos], j_of[d_pos], slot] = ids[v_abs]
+    out_cnt[row_of[d_pos], j_of[d_pos], slot] = cnt[v_abs]
     return {"sample_ids": torch.from_numpy(out_ids), "sample_counts": torch.from_numpy(out_cnt)}

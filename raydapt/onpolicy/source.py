@@ -117,8 +117,7 @@ class EngineActor:
     ) -> tuple[list[tuple[list[int], bool]], int]:
         """(response ids, ended) per prompt, and the weight version that sampled them."""
         self._count_call()
-        out = self.backend.generate(prompts, [[s] for s in seeds], gen)
-        return [(row[0][0], row[0][2]) for row in out], self.backend.weight_version
+        return self.probe(prompts, seeds, gen), self.backend.weight_version
 
     def score_tokens(self, seqs: list[np.ndarray]) -> list:
         self._count_call()

@@ -34,7 +34,7 @@ from raydapt.errors import UserError
 from raydapt.models import check_vocab, load_tokenizer, tokenizer_hash
 from raydapt.prepare.tokenize import tokenize_batch, tokenizer_spec
 from raydapt.progress import Progress
-from raydapt.rows import loss_mask_of
+from raydapt.rows import loss_mask_of, pack_starts
 from raydapt.sources import EXTENSIONS, input_paths, model_path
 from raydapt.storage import atomic_dir, finish_manifest, hash_json, require_manifest
 
@@ -99,7 +99,7 @@ class _Split:
     Rows are kept as pieces (numpy views of the tokenized batches) until a shard is full;
     the shard is then built in bulk: one concatenation per column, the loss mask shifted
     once over the whole shard and cut at row ends (`loss_mask_of` per row, in one go).
-    Packing is greedy in document order (as `raydapt.rows.pack`), in chunks of 512 docs
+    Packing is greedy in document order (`raydapt.rows.pack_starts`), in chunks of 512 docs
     whose open last row carries over.
     """
 
@@ -134,7 +134,7 @@ class _Split:
             self.flush_docs(keep_tail=True)
 
     def flush_docs(self, keep_tail: bool = False) -> None:
-        starts = _greedy_rows(self.lens, self.cfg.seq_len)
+        starts = pack_starts(self.lens, self.cfg.seq_len)
         keep = starts[-1] if keep_tail and len(starts) > 1 else len(self.docs)
         bounds = [*starts, len(self.docs)]
         for r, start in enumerate(starts):
@@ -190,21 +190,6 @@ class _Split:
         self.loss_tokens += int(mask.sum(dtype=np.int64))
         del self.ids[:p], self.targets[:p], self.row_pieces[:n], self.row_lens[:n]
         del self.row_ids[:n], self.row_labels[:n]
-
-
-def _greedy_rows(lens: list[int], seq_len: int) -> list[int]:
-    """Start index of each packed row: greedy, in order, a row closes when the next doc
-    would overflow seq_len (what `raydapt.rows.pack` does, on lengths only)."""
-    starts = []
-    length = 0
-    for i, n in enumerate(lens):
-        if starts and length + n > seq_len:
-            starts.append(i)
-            length = 0
-        elif not starts:
-            starts.append(i)
-        length += n
-    return starts
 
 
 def split_of(h: str, val_fraction: float) -> str:
