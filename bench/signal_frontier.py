@@ -403,7 +403,13 @@ def flat_grad(model, obj, batch) -> torch.Tensor:
 
 
 def objective_for(kind: str, kd, teacher, alpha: float = 1.0):
-    from raydapt.train.objective import NextToken, OnlineDistill, SampledDistill, TopKDistill
+    from raydapt.train.objective import (
+        NextToken,
+        OnlineDistill,
+        SampledDistill,
+        TopKDistill,
+        TopKSampledDistill,
+    )
 
     if kind == "full":
         return OnlineDistill(kd, alpha, teacher)
@@ -411,6 +417,8 @@ def objective_for(kind: str, kd, teacher, alpha: float = 1.0):
         return NextToken(kd.chunk)
     if kind == "topk":
         return TopKDistill(kd, alpha)
+    if kind == "topk+sampled":
+        return TopKSampledDistill(kd, alpha)
     return SampledDistill(kd, alpha)
 
 

@@ -36,6 +36,7 @@ from raydapt.pipeline import derived, run_stage
 from raydapt.pipeline import run as run_stages
 from raydapt.sources import build_model, world_dir
 from raydapt.storage import write_json_atomic
+from raydapt.train.diagnostics import DIAGNOSTICS
 from raydapt.world import read_jsonl
 
 # The teacher trains for TEACHER_STEPS x the student's steps: it must know the world clearly
@@ -189,6 +190,12 @@ def _finish(
                 "ce",
                 cfg.out / "loss_curves.png",
                 "training cross-entropy on the data (the KD loss adds its KL term)",
+            ),
+            report.plot_curves(
+                curves,
+                DIAGNOSTICS,
+                cfg.out / "signal_diagnostics.png",
+                "the stored teacher signal: mass covered by its ids (teacher, tail, student)",
             ),
             report.plot_bars(
                 rows,

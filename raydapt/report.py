@@ -40,26 +40,32 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(curves: dict[str, list[dict]], key: str, out: Path, title: str) -> Path | None:
-    """One line per run of `key` against `step`; None when no run logged the key."""
+def plot_curves(
+    curves: dict[str, list[dict]], key: str | tuple[str, ...], out: Path, title: str
+) -> Path | None:
+    """One line per run and key against `step` (several keys: one line style per key, the
+    label says which); None when no run logged any of them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    keys = (key,) if isinstance(key, str) else key
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     drawn = False
     for name, rows in curves.items():
-        pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r and r[key] is not None]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=name, marker="o" if len(pts) < 20 else None)
-            drawn = True
+        for style, k in zip(("-", "--", ":", "-."), keys):
+            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None and "step" in r]
+            if pts:
+                xs, ys = zip(*pts)
+                label = name if len(keys) == 1 else f"{name}: {k}"
+                ax.plot(xs, ys, style, label=label, marker="o" if len(pts) < 20 else None)
+                drawn = True
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel("step")
-    ax.set_ylabel(key)
+    ax.set_ylabel(keys[0] if len(keys) == 1 else "value")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

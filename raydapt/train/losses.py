@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raydapt.rows import next_token_targets
+from raydapt.train.diagnostics import Probe
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
@@ -343,18 +344,25 @@ def _head_and_tail(logp_k: Tensor, valid: Tensor, temperature: float) -> Tensor:
     return torch.cat([log_head + inner, log_tail], dim=-1)
 
 
-def _topk_kd_per_pos(s_logits: Tensor, ids: Tensor, t_logp: Tensor, kd: KD) -> Tensor:
+def _topk_kd_per_pos(
+    s_logits: Tensor, ids: Tensor, t_logp: Tensor, kd: KD, probe: Probe | None = None
+) -> Tensor:
     """s_logits (B, c, V); ids (B, c, k); t_logp (B, c, k) -> tau^2 * divergence (B, c)."""
     s_all = F.log_softmax(_compute_dtype(s_logits), dim=-1)  # (B, c, V), temperature 1
-    return _topk_kd_from_logp(s_all, ids, t_logp, kd)
+    return _topk_kd_from_logp(s_all, ids, t_logp, kd, probe)
 
 
-def _topk_kd_from_logp(s_all: Tensor, ids: Tensor, t_logp: Tensor, kd: KD) -> Tensor:
-    """Like ``_topk_kd_per_pos`` from the student's temperature-1 log-probs s_all (B, c, V)."""
+def _topk_kd_from_logp(
+    s_all: Tensor, ids: Tensor, t_logp: Tensor, kd: KD, probe: Probe | None = None
+) -> Tensor:
+    """Like ``_topk_kd_per_pos`` from the student's temperature-1 log-probs s_all (B, c, V).
+    ``probe``: receives the student's mass on the stored ids (raydapt.train.diagnostics)."""
     t_logp = t_logp.to(s_all.dtype)
     valid = t_logp > float("-inf")  # (B, c, k); padded slots are -inf
     ids = torch.where(valid, ids.long(), 0)  # padded ids may be anything, e.g. -1
     s_k = s_all.gather(-1, ids)  # (B, c, k)
+    if probe is not None:
+        probe.add(torch.where(valid, s_k.detach().exp(), 0.0).sum(-1))
     s_out = _head_and_tail(s_k, valid, kd.temperature)  # (B, c, k + 1)
     t_out = _head_and_tail(t_logp, valid, kd.temperature)  # (B, c, k + 1)
     valid_out = torch.cat([valid, torch.ones_like(valid[..., :1])], dim=-1)
@@ -367,16 +375,18 @@ def topk_kd_loss(
     topk_logprobs: Tensor,
     loss_mask: Tensor,
     kd: KD,
+    probe: Probe | None = None,
 ) -> Tensor:
     """KD against stored teacher top-k log-probs, exact over k ids + a tail bucket.
 
     student_logits (B, T, V); topk_ids (B, T, k) int; topk_logprobs (B, T, k) float (teacher
     log-probs at temperature 1, -inf on padded slots); loss_mask (B, T). Returns a scalar.
     Equals ``full_kd_loss`` when k = V. See the module docstring for how tau applies.
+    ``probe``: gets the student's mass on the stored ids per position.
     """
 
     def fn(s: Tensor, ids: Tensor, lp: Tensor) -> Tensor:
-        return _topk_kd_per_pos(s, ids, lp, kd)
+        return _topk_kd_per_pos(s, ids, lp, kd, probe)
 
     total = _chunked_sum(fn, [student_logits, topk_ids, topk_logprobs], [], loss_mask, kd.chunk)
     return total / _count(loss_mask)
@@ -390,19 +400,20 @@ def chunked_distill_from_hidden(
     topk_ids: Tensor,
     topk_logprobs: Tensor,
     kd: KD,
+    probe: Probe | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(top-k KD, CE) from the student's hidden states, one head matmul per chunk for both.
 
     hidden (B, T, H); head_weight (V, H); input_ids (B, T); loss_mask (B, T); topk_ids and
     topk_logprobs (B, T, k). Returns (kd, ce) scalars equal to ``topk_kd_loss`` and ``ce_loss``
-    of ``hidden @ head_weight.T``, without the (B, T, V) logits.
+    of ``hidden @ head_weight.T``, without the (B, T, V) logits. ``probe`` as in topk_kd_loss.
     """
     targets, ce_mask = next_token_targets(input_ids, loss_mask)
     masks = torch.stack([loss_mask.to(ce_mask.dtype), ce_mask])  # (2, B, T)
 
     def fn(h: Tensor, tgt: Tensor, ids: Tensor, lp: Tensor, w: Tensor) -> Tensor:
         s_all = F.log_softmax(_compute_dtype(h @ w.T), dim=-1)  # (B, c, V), shared by both
-        kd_pos = _topk_kd_from_logp(s_all, ids, lp, kd)
+        kd_pos = _topk_kd_from_logp(s_all, ids, lp, kd, probe)
         ce = -s_all.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, c)
         return torch.stack([kd_pos, ce])  # (2, B, c)
 

@@ -14,12 +14,13 @@ it) and detached parts named in `parts` (the metrics it logs and reports).
     full, lora, transfer                   NextToken      ce
     distill, targets without top-k         NextToken      ce   (sequence-level KD: CE on the
                                                                 teacher's generated rows)
-    distill, targets with top-k (offline)  TopKDistill    kd, ce
-    distill, targets with draws (teach.signal sampled | topk+sampled)
-                                           SampledDistill kd, ce   (forward KL, RS-KD)
+    distill, targets with top-k (offline)  TopKDistill    kd, ce, teacher_mass, tail_mass,
+                                                          student_mass (diagnostics.py)
+    distill, teach.signal sampled          SampledDistill kd, ce, student_mass (RS-KD)
+    distill, teach.signal topk+sampled     TopKSampledDistill  as TopKDistill
     distill, teacher=online                OnlineDistill  kd, ce
     distill, on_policy, reverse_kl_sampled SampledReverseKL kd, kl_estimate
-    distill, on_policy, other kd_loss      TopKDistill    kd, ce   (rows: the student's samples,
+    distill, on_policy, other kd_loss      TopKDistill    as above (rows: the student's samples,
                                                                 scored by the teacher pool)
 """
 
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from raydapt.config import TrainConfig
 from raydapt.rows import next_token_targets
+from raydapt.train.diagnostics import DIAGNOSTICS, Probe, signal_parts
 from raydapt.train.heads import from_hidden, supports_hidden
 from raydapt.train.losses import (
     KD,
@@ -127,38 +129,72 @@ class Distill(Objective):
 
 
 @dataclass(frozen=True, eq=False)
-class TopKDistill(Distill):
+class StoredSignalDistill(Distill):
+    """Distill against a stored teacher signal, logging its bias diagnostics every step
+    (raydapt.train.diagnostics): teacher mass on the stored ids, the tail, student mass."""
+
+    parts: ClassVar[tuple[str, ...]] = ("kd", "ce", *DIAGNOSTICS)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
+        probe = Probe()
+        loss, parts = self.losses(model, batch, probe)
+        return loss, parts | signal_parts(probe, batch["loss_mask"], batch.get("topk_logprobs"))
+
+    def losses(self, model: nn.Module, batch: Batch, probe: Probe) -> tuple[Tensor, Parts]:
+        ids = batch["input_ids"]  # (B, T)
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        ce = ce_loss(logits, ids, batch["loss_mask"])
+        return distill_loss(self.kd_term(logits, batch, probe), ce, self.alpha)
+
+    def kd_term(self, logits: Tensor, batch: Batch, probe: Probe | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class TopKDistill(StoredSignalDistill):
     """KD against the stored teacher top-k, exact over k ids plus a tail bucket; KD and CE
     share one head matmul per chunk of hidden states where the head allows it."""
 
-    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
+    def losses(self, model: nn.Module, batch: Batch, probe: Probe) -> tuple[Tensor, Parts]:
         if not supports_hidden(model):
-            return super().__call__(model, batch)
+            return super().losses(model, batch, probe)
         ids, mask = batch["input_ids"], batch["loss_mask"]
         top_ids, top_lp = batch["topk_ids"], batch["topk_logprobs"]  # (B, T, k)
 
         def both(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-            return chunked_distill_from_hidden(h, w, ids, mask, top_ids, top_lp, self.kd)
+            return chunked_distill_from_hidden(h, w, ids, mask, top_ids, top_lp, self.kd, probe)
 
         kd, ce = from_hidden(model, ids, both)
         return distill_loss(kd, ce, self.alpha)
 
-    def kd_term(self, logits: Tensor, batch: Batch) -> Tensor:
+    def kd_term(self, logits: Tensor, batch: Batch, probe: Probe | None = None) -> Tensor:
         ids, lp = batch["topk_ids"], batch["topk_logprobs"]  # (B, T, k)
-        return topk_kd_loss(logits, ids, lp, batch["loss_mask"], self.kd)
+        return topk_kd_loss(logits, ids, lp, batch["loss_mask"], self.kd, probe)
 
 
 @dataclass(frozen=True, eq=False)
-class SampledDistill(Distill):
+class SampledDistill(StoredSignalDistill):
     """Forward KL against the teacher's stored draws (teach.signal sampled: RS-KD's unbiased
-    estimate; topk+sampled: the top k exactly and the tail from draws)."""
+    estimate). The store holds no teacher probability for a draw, so this signal's
+    diagnostics are the student's mass on the drawn ids only."""
 
-    def kd_term(self, logits: Tensor, batch: Batch) -> Tensor:
+    parts: ClassVar[tuple[str, ...]] = ("kd", "ce", "student_mass")
+
+    def kd_term(self, logits: Tensor, batch: Batch, probe: Probe | None = None) -> Tensor:
         ids, counts, mask = batch["sample_ids"], batch["sample_counts"], batch["loss_mask"]
-        if "topk_ids" in batch:
-            top_ids, top_lp = batch["topk_ids"], batch["topk_logprobs"]
-            return topk_sampled_kd_loss(logits, top_ids, top_lp, ids, counts, mask, self.kd).loss
-        return sampled_kd_loss(logits, ids, counts, mask, self.kd).loss
+        return sampled_kd_loss(logits, ids, counts, mask, self.kd, probe=probe).loss
+
+
+@dataclass(frozen=True, eq=False)
+class TopKSampledDistill(StoredSignalDistill):
+    """teach.signal topk+sampled: the top k' exactly and the tail estimated from draws."""
+
+    def kd_term(self, logits: Tensor, batch: Batch, probe: Probe | None = None) -> Tensor:
+        ids, counts, mask = batch["sample_ids"], batch["sample_counts"], batch["loss_mask"]
+        top_ids, top_lp = batch["topk_ids"], batch["topk_logprobs"]
+        return topk_sampled_kd_loss(
+            logits, top_ids, top_lp, ids, counts, mask, self.kd, probe=probe
+        ).loss
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,7 +243,7 @@ def objective_class(
     if tc.mode == "distill" and online:
         return OnlineDistill
     if tc.mode == "distill" and has_topk and signal != "topk" and not on_policy_rows:
-        return SampledDistill
+        return SampledDistill if signal == "sampled" else TopKSampledDistill
     if tc.mode == "distill" and has_topk:
         return TopKDistill
     return NextToken
@@ -222,8 +258,8 @@ def build_objective(
     Validation uses `build_objective(tc)`: CE (or the classification loss) only, since the
     validation split has no teacher targets."""
     cls = objective_class(tc, teacher is not None, has_topk, signal)
-    if cls is SampledDistill:
-        return SampledDistill(kd_of(tc), tc.kd_alpha)
+    if cls in (SampledDistill, TopKSampledDistill):
+        return cls(kd_of(tc), tc.kd_alpha)
     if cls is OnlineDistill:
         return OnlineDistill(kd_of(tc), tc.kd_alpha, teacher)
     if cls is TopKDistill:

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raydapt.teach.draws import draw_samples, tempered, topk_plus_samples
+from raydapt.train.diagnostics import Probe, mass_on
 from raydapt.train.losses import KD, _chunked_sum, _compute_dtype, _count, _head_and_tail
 
 __all__ = ["draw_samples", "topk_plus_samples"]  # the teacher side, re-exported for tests
@@ -114,22 +115,37 @@ def _weights(counts: Tensor, dtype: torch.dtype) -> Tensor:
     return c / c.sum(-1, keepdim=True).clamp_min(1.0)
 
 
-def _sampled_ce(s_logits: Tensor, ids: Tensor, counts: Tensor, tau: float) -> Tensor:
-    """(B, c, V), (B, c, m), (B, c, m) -> tau^2 * -sum_j (count_j / s) log q_tau(id_j), (B, c)."""
+def _sampled_ce(
+    s_logits: Tensor, ids: Tensor, counts: Tensor, tau: float, probe: Probe | None = None
+) -> Tensor:
+    """(B, c, V), (B, c, m), (B, c, m) -> tau^2 * -sum_j (count_j / s) log q_tau(id_j), (B, c).
+    ``probe``: gets the student's temperature-1 mass on the drawn ids per position."""
     s_logp = F.log_softmax(_compute_dtype(s_logits) / tau, dim=-1)
     drawn = counts > 0
+    if probe is not None:
+        s1 = s_logp if tau == 1.0 else F.log_softmax(_compute_dtype(s_logits), dim=-1)
+        probe.add(mass_on(s1, ids, drawn))
     picked = s_logp.gather(-1, torch.where(drawn, ids.long(), 0))  # padded ids may be anything
     w = _weights(counts, s_logp.dtype)
     return -torch.where(drawn, w * picked, 0.0).sum(-1) * tau**2
 
 
 def _topk_sampled_ce(
-    s_logits: Tensor, topk_ids: Tensor, topk_lp: Tensor, ids: Tensor, counts: Tensor, tau: float
+    s_logits: Tensor,
+    topk_ids: Tensor,
+    topk_lp: Tensor,
+    ids: Tensor,
+    counts: Tensor,
+    tau: float,
+    probe: Probe | None = None,
 ) -> Tensor:
-    """Per-position tau^2 * H(p', q') estimate (B, c): exact head, sampled tail."""
+    """Per-position tau^2 * H(p', q') estimate (B, c): exact head, sampled tail.
+    ``probe``: gets the student's mass on the head ids and the drawn tail ids per position."""
     s_all = F.log_softmax(_compute_dtype(s_logits), dim=-1)  # (B, c, V), temperature 1
     t_lp = topk_lp.to(s_all.dtype)
     valid = t_lp > float("-inf")  # (B, c, k)
+    if probe is not None:  # the drawn ids lie outside the head: the two sets are disjoint
+        probe.add(mass_on(s_all, topk_ids, valid) + mass_on(s_all, ids, counts > 0))
     kid = torch.where(valid, topk_ids.long(), 0)
     k = kid.shape[-1]
     s_out = _head_and_tail(s_all.gather(-1, kid), valid, tau)  # (B, c, k + 1), as losses.py
@@ -172,6 +188,7 @@ def sampled_kd_loss(
     loss_mask: Tensor,
     kd: KD,
     teacher_entropy: Tensor | None = None,
+    probe: Probe | None = None,
 ) -> KDTerms:
     """RS-KD: forward KL against s teacher draws per position, unbiased in value and gradient.
 
@@ -179,12 +196,13 @@ def sampled_kd_loss(
     counts (B, T, m) int, count 0 on padding (from ``draw_samples`` at ``kd.temperature``);
     loss_mask (B, T); teacher_entropy (B, T) or None: H(softmax(log p / tau)) per position.
     Returns ``KDTerms``: E[loss] = tau^2 H(p_tau, q_tau); kl as in the module docstring.
+    ``probe`` (raydapt.train.diagnostics): gets the student's mass on the drawn ids.
     """
     _check(kd, ids, counts)
     tau = kd.temperature
 
     def fn(s: Tensor, i: Tensor, c: Tensor) -> Tensor:
-        return _sampled_ce(s, i, c, tau)
+        return _sampled_ce(s, i, c, tau, probe)
 
     loss = _chunked_sum(fn, [student_logits, ids, counts], [], loss_mask, kd.chunk)
     loss = loss / _count(loss_mask)
@@ -202,6 +220,7 @@ def topk_sampled_kd_loss(
     loss_mask: Tensor,
     kd: KD,
     teacher_entropy: Tensor | None = None,
+    probe: Probe | None = None,
 ) -> KDTerms:
     """Exact top-k' head plus a tail estimated from draws outside the head.
 
@@ -210,6 +229,7 @@ def topk_sampled_kd_loss(
     from ``topk_plus_samples`` at ``kd.temperature``); loss_mask (B, T); teacher_entropy (B, T)
     or None: the exact H(p') from ``target_entropy(..., k', tau)``. Returns ``KDTerms``.
     k' = V is ``losses.full_kd_loss`` (forward KL) exactly; k' = 0 is ``sampled_kd_loss``.
+    ``probe``: gets the student's mass on the head ids and the drawn ids.
     """
     _check(kd, ids, counts)
     if topk_ids.shape != topk_logprobs.shape:
@@ -217,7 +237,7 @@ def topk_sampled_kd_loss(
     tau = kd.temperature
 
     def fn(s: Tensor, ti: Tensor, tl: Tensor, i: Tensor, c: Tensor) -> Tensor:
-        return _topk_sampled_ce(s, ti, tl, i, c, tau)
+        return _topk_sampled_ce(s, ti, tl, i, c, tau, probe)
 
     seq = [student_logits, topk_ids, topk_logprobs, ids, counts]
     loss = _chunked_sum(fn, seq, [], loss_mask, kd.chunk) / _count(loss_mask)
@@ -261,8 +281,9 @@ def target_entropy(teacher_logprobs: Tensor, k: int = 0, temperature: float = 1.
 
 
 def count_dtype_for(s: int) -> str:
-    """The narrowest count type that holds any count of s draws."""
-    return "uint8" if s <= 255 else "int16" if s <= 32767 else "int32"
+    """The narrowest count type that holds any count of s draws: the type the targets store
+    (``raydapt.targets.count_type``: uint8 up to 255 draws, uint16 above)."""
+    return "uint8" if s <= 255 else "uint16" if s <= 65535 else "int32"
 
 
 def bytes_per_token(

@@ -20,7 +20,7 @@ from raydapt.teach.hf_backend import HFBackend
 from raydapt.teach.spec import ActorSpec
 from raydapt.teach.work import scored_table
 from raydapt.train import plan as train_plan
-from raydapt.train.objective import SampledDistill, kd_of
+from raydapt.train.objective import SampledDistill, TopKSampledDistill, build_objective
 
 
 @pytest.mark.parametrize("signal", ["sampled", "topk+sampled"])
@@ -58,10 +58,14 @@ def test_draws_are_seeded_per_row_and_stored_compactly(signal, tiny_model_dir):
     batch = collate(table, np.arange(3), 0)
     assert batch["sample_ids"].shape[:2] == batch["input_ids"].shape
     model = backend.model.train()
-    kd = kd_of(TrainConfig(kd_loss="forward_kl"))
-    loss, parts = SampledDistill(kd, 1.0)(model, batch)
+    tc = TrainConfig(mode="distill", teacher="offline", kd_loss="forward_kl", kd_alpha=1.0)
+    objective = build_objective(tc, has_topk=True, signal=signal)
+    assert type(objective) is (SampledDistill if signal == "sampled" else TopKSampledDistill)
+    loss, parts = objective(model, batch)
     loss.backward()
     assert math.isfinite(loss.item()) and parts["kd"] > 0
+    assert 0 < parts["student_mass"] < 1  # the diagnostics ride along (diagnostics.py)
+    assert ("teacher_mass" in parts) == (signal == "topk+sampled")
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
@@ -91,6 +95,7 @@ def test_teach_then_train_on_sampled_targets(tmp_path, tiny_model_dir, ray_sessi
     rows = train_metrics(cfg)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["kd"]) and r["kd"] > 0 for r in rows)
+    assert all(0 < r["student_mass"] < 1 and "teacher_mass" not in r for r in rows)
     assert (layout.export_dir(cfg) / "config.json").is_file()
     cfg.teach.signal = "topk"  # a trainer set for another signal than the targets hold
     with pytest.raises(UserError) as e:

@@ -451,10 +451,17 @@ def test_only_forward_kl_is_accepted():
 # ----------------------------------------------------------------------------- (5) storage
 
 
+def test_count_dtype_is_the_one_the_targets_store():
+    from raydapt.targets import count_type
+
+    for s in (1, 255, 256, 32767):
+        assert S.count_dtype_for(s) == str(count_type(s))
+
+
 def test_bytes_per_token():
     assert S.bytes_per_token("topk", 64) == 64 * (4 + 2)
     assert S.bytes_per_token("sampled", s=12) == 12 * (4 + 1)  # uint8 counts
-    assert S.bytes_per_token("sampled", s=300) == 300 * (4 + 2)  # int16 counts
+    assert S.bytes_per_token("sampled", s=300) == 300 * (4 + 2)  # uint16 counts
     assert S.bytes_per_token("topk+sampled", 8, 16) == 8 * 6 + 16 * 5
     assert S.bytes_per_token("topk+sampled", 8, 16, entropy=True) == 8 * 6 + 16 * 5 + 2
     assert S.bytes_per_token("topk", 8, id_dtype="uint16", logprob_dtype="float32") == 8 * 6

@@ -215,6 +215,11 @@ def test_distill_offline_with_reference_targets(job, teacher_dir, rows):
     m = train_metrics(cfg)
     assert all("kd" in x and "ce" in x for x in m)
     assert m[-1]["kd"] < m[0]["kd"]
+    # the signal's bias diagnostics, every step: the teacher's top-8 covers most of its mass,
+    # and the student moves its own mass onto those ids as KD pulls it toward the teacher
+    assert all(abs(x["teacher_mass"] + x["tail_mass"] - 1) < 1e-6 for x in m)
+    assert all(0.5 < x["teacher_mass"] <= 1 for x in m)
+    assert m[-1]["student_mass"] > m[0]["student_mass"]
     assert abs(m[0]["loss"] - (0.5 * m[0]["kd"] + 0.5 * m[0]["ce"])) < 1e-4
 
 
