@@ -54,7 +54,19 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAYDAPT_PROGRESS", "0")
 
-METHODS = ("sft", "seqkd", "kd", "kd_rkl", "onpolicy", "sft_onpolicy", "onpolicy_k1", "gkd")
+METHODS = (
+    "sft",
+    "seqkd",
+    "kd",
+    "kd_rkl",
+    "onpolicy",
+    "sft_onpolicy",
+    "onpolicy_k1",
+    "gkd",
+    "onpolicy_fkl",
+    "onpolicy_jsd",
+    "sft_onpolicy_fkl",
+)
 DEFAULT_METHODS = ("sft", "seqkd", "kd", "kd_rkl", "onpolicy", "sft_onpolicy")
 LABELS = {
     "sft": "SFT (reference answers)",
@@ -65,9 +77,23 @@ LABELS = {
     "sft_onpolicy": "SFT, then on-policy KD",
     "onpolicy_k1": "on-policy KD (reverse_kl_sampled)",
     "gkd": "GKD mix (on_policy_fraction 0.5)",
+    "onpolicy_fkl": "on-policy KD (forward_kl)",
+    "onpolicy_jsd": "on-policy KD (jsd, beta 0.5)",
+    "sft_onpolicy_fkl": "SFT, then on-policy KD (forward_kl)",
 }
+# on-policy methods: the divergence each trains with on the student's samples
+ON_POLICY_LOSS = {
+    "onpolicy": "reverse_kl",
+    "sft_onpolicy": "reverse_kl",
+    "onpolicy_k1": "reverse_kl_sampled",
+    "gkd": "reverse_kl",
+    "onpolicy_fkl": "forward_kl",
+    "onpolicy_jsd": "jsd",
+    "sft_onpolicy_fkl": "forward_kl",
+}
+WARM_STARTED = ("sft_onpolicy", "sft_onpolicy_fkl")  # from the sft run's checkpoint
 PARAMS = {"tiny": "0.5M", "small": "3.6M"}  # the presets' sizes (README)
-ON_POLICY = ("onpolicy", "sft_onpolicy", "onpolicy_k1", "gkd")
+ON_POLICY = tuple(ON_POLICY_LOSS)
 # one problem per row, so every method trains on the same number of problems per step
 PREPARE = {"seq_len": 64, "pack": False, "val_fraction": 0.05}
 TEACHER_TRAIN = {"mode": "full", "lr": 3e-3, "batch_size": 32, "warmup_steps": 20}
@@ -105,7 +131,7 @@ def method_job(a, m: str, teacher: Path, student: Path, seed: int) -> dict:
     train = {
         "lr": a.lr,
         "batch_size": a.batch_size,
-        "max_steps": a.steps - (a.warm_steps if m == "sft_onpolicy" else 0),
+        "max_steps": a.steps - (a.warm_steps if m in WARM_STARTED else 0),
         "warmup_steps": a.warmup,
         "schedule": "constant",
         "eval_every": a.eval_every,
@@ -138,8 +164,10 @@ def method_job(a, m: str, teacher: Path, student: Path, seed: int) -> dict:
         train |= {"mode": "distill", "teacher": "offline", "kd_loss": "reverse_kl"}
         train |= {"kd_alpha": 1.0}
     else:
-        loss = "reverse_kl_sampled" if m == "onpolicy_k1" else "reverse_kl"
+        loss = ON_POLICY_LOSS[m]
         train |= {"mode": "distill", "teacher": "on_policy", "kd_loss": loss, "kd_alpha": 1.0}
+        if a.onpolicy_lr:
+            train["lr"] = a.onpolicy_lr
         job["rollout"] = {
             "num_actors": 1,
             "cpus_per_actor": 1,
@@ -236,7 +264,7 @@ def run_method(a, m: str, teacher: Path, student: Path, seed: int, rows: list[di
     from raydapt.pipeline import run_stage
 
     offset, prefix = 0, []
-    if m == "sft_onpolicy":  # on-policy KD from the SFT run's checkpoint at --warm-steps
+    if m in WARM_STARTED:  # on-policy KD from the SFT run's checkpoint at --warm-steps
         offset = a.warm_steps
         sft_dir = a.out / "runs" / f"sft-s{seed}"
         ck = sft_dir / "train" / "checkpoints" / f"checkpoint_{offset:06d}"
@@ -416,9 +444,7 @@ def verdict(by: dict[str, list[dict]], a=None) -> list[str]:
     """Plain sentences: did on-policy KD beat SFT and offline KD, seed by seed."""
     out = []
     lost = [
-        m
-        for m in ("onpolicy", "sft_onpolicy", "onpolicy_k1", "gkd")
-        if paired(by, m, "sft") and all(x <= 0 for x in paired(by, m, "sft"))
+        m for m in ON_POLICY if paired(by, m, "sft") and all(x <= 0 for x in paired(by, m, "sft"))
     ]
     if lost:
         out.append(
@@ -449,10 +475,10 @@ def verdict(by: dict[str, list[dict]], a=None) -> list[str]:
             )
             + ", so neither difference from SFT is evidence for or against soft targets."
         )
-    if "sft_onpolicy" in by and "sft" in by:
+    for warm in (w for w in WARM_STARTED if w in by and "sft" in by):
         sft = {r["seed"]: {c["step"]: c["exact_match"] for c in r["curve"]} for r in by["sft"]}
         parts = []
-        for r in by["sft_onpolicy"]:
+        for r in by[warm]:
             cur = {c["step"]: c["exact_match"] for c in r["curve"]}
             ref = sft[r["seed"]]
             # from the checkpoint it started at: the last step where both curves agree
@@ -462,11 +488,9 @@ def verdict(by: dict[str, list[dict]], a=None) -> list[str]:
             theirs = " -> ".join(f"{ref[s]:.3f}" for s in steps if s in ref)
             parts.append(f"seed {r['seed']}: {ours} (SFT: {theirs})")
         out.append(
-            "SFT, then on-policy KD, exact match from the SFT checkpoint on: "
-            + "; ".join(parts)
-            + "."
+            f"{LABELS[warm]}, exact match from the SFT checkpoint on: " + "; ".join(parts) + "."
         )
-    for m in ("onpolicy", "sft_onpolicy", "onpolicy_k1", "gkd"):
+    for m in ON_POLICY:
         if m not in by:
             continue
         for base in ("sft", "kd"):
@@ -678,6 +702,9 @@ def main() -> int:
     )
     ap.add_argument("--batch-size", type=int, default=16, help="rows (problems) per step")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument(
+        "--onpolicy-lr", type=float, default=0.0, help="on-policy methods' lr (0: --lr)"
+    )
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--kd-alpha", type=float, default=0.5, help="offline KD's alpha")
     ap.add_argument("--k", type=int, default=16, help="teacher top-k (offline and on-policy)")
@@ -708,11 +735,11 @@ def main() -> int:
 
     if "gkd" in a.methods and "on_policy_fraction" not in ROLLOUT_KEYS:
         ap.error("--methods gkd needs rollout.on_policy_fraction, which this raydapt lacks")
-    if "sft_onpolicy" in a.methods:
+    if set(WARM_STARTED) & set(a.methods):
         if a.warm_steps % a.eval_every or not 0 < a.warm_steps < a.steps:
             ap.error("--warm-steps must be a multiple of --eval-every, between 0 and --steps")
         if "sft" not in a.methods:
-            ap.error("--methods sft_onpolicy starts from the sft run's checkpoint: add sft")
+            ap.error("--methods sft_onpolicy* start from the sft run's checkpoint: add sft")
     summary_file = a.out / "summary.json"
     if a.report_only:
         s = json.loads(summary_file.read_text())
@@ -791,7 +818,7 @@ def report(a, teacher_eval: dict, recs: list[dict], wall: float, teacher_wall: f
     if "sft" in by:
         sft_em = _mean([r["final"]["exact_match"] for r in by["sft"]])
         figures.append(("sft exact match (upper bound of the operating point)", sft_em, "<= 0.7"))
-    for m in ("onpolicy", "sft_onpolicy"):
+    for m in ON_POLICY:
         for base in ("sft", "kd"):
             d = paired(by, m, base)
             if d:  # the claim on-policy KD is for: it should win at equal student steps

@@ -146,7 +146,7 @@ def batches(table, bs: int) -> list:
     return [table.slice(i, bs) for i in range(0, table.num_rows, bs)]
 
 
-def job(work: Path, model: Path, kind: str, args):
+def job(work: Path, model: Path, kind: str, args, actors: int = 1):
     """The job the pool runs; also the source of the raw side's settings."""
     from raydapt.config import job_from_dict
 
@@ -164,6 +164,8 @@ def job(work: Path, model: Path, kind: str, args):
                 "max_tokens": args.max_tokens,
                 "temperature": 1.0,
                 "seed": 0,
+                "min_actors": actors,
+                "max_actors": actors,
             },
         }
     )
@@ -261,7 +263,7 @@ def raw_vllm(spec, prepared: Path, args, env: dict[str, str], threads: int) -> d
     }
 
 
-def pool(work: Path, model: Path, args) -> dict:
+def pool(work: Path, model: Path, args, kinds=("generate", "score"), actors: int = 1) -> dict:
     import shutil
 
     import pyarrow.parquet as pq
@@ -269,10 +271,10 @@ def pool(work: Path, model: Path, args) -> dict:
     from raydapt.pipeline import run_stage
 
     res = {}
-    for kind in ("generate", "score"):
+    for kind in kinds:
         out = work / "out"
         shutil.rmtree(out / "targets", ignore_errors=True)
-        cfg = job(work, model, kind, args)
+        cfg = job(work, model, kind, args, actors)
         t = time.perf_counter()
         m = run_stage("teach", cfg)
         p = m["pool"]
@@ -330,6 +332,40 @@ def hf(spec, prepared: Path, args) -> dict:
     }
 
 
+def scaling(work: Path, model: Path, args) -> None:
+    """Whole-run scoring throughput of the pool with 1 and 2 actors (1 CPU each).
+
+    The whole-run rate (first batch start to last batch end) is what a corpus sees: it
+    includes Ray Data's hand-offs, which per-batch rates leave out. Per-actor figures divide
+    by the actors, which on this 2-core machine is also per core.
+    """
+    from raydapt.cluster import connect
+
+    connect(job(work, model, "score", args).cluster)
+    runs: dict[int, dict] = {}
+    for n in (1, 2):
+        r = pool(work, model, args, kinds=("score",), actors=n)["score"]
+        runs[n] = r
+        print(
+            f"pool scoring, {n} actor(s): whole run {r['span_tok_s']:.0f} tok/s "
+            f"({r['span_tok_s'] / n:.0f} per actor), per batch {r['median_batch_tok_s']:.0f}, "
+            f"stage {r['stage_s']:.1f} s"
+        )
+    speedup = runs[2]["span_tok_s"] / runs[1]["span_tok_s"]
+    print(f"2 actors / 1 actor, whole run: {speedup:.2f}x (ideal 2.0 on 2 free cores)")
+    record(
+        "teacher",
+        [
+            ("scaling: 1 actor, whole-run scoring tok/s", runs[1]["span_tok_s"], ""),
+            ("scaling: 2 actors, whole-run scoring tok/s", runs[2]["span_tok_s"], ""),
+            ("scaling: 2 actors / 1 actor, whole run", speedup, ""),
+        ],
+        {"rows": args.rows, "batch_size": args.batch_size, "k": K, "seq": SEQ},
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps({str(n): r for n, r in runs.items()}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=192, help="score rows of 128 tokens")
@@ -342,9 +378,17 @@ def main() -> None:
     )
     ap.add_argument("--work", default="runs/raydapt-bench-teacher")
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--scaling",
+        action="store_true",
+        help="only the pool's scoring, whole run, with 1 then 2 actors (RESULTS' scaling section)",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     model = setup(work, args.rows, args.prompts)
+    if args.scaling:
+        scaling(work, model, args)
+        return
     prepared = work / "out" / "prepared"
 
     from raydapt.cluster import connect
