@@ -136,7 +136,8 @@ def method_job(a, m: str, teacher: Path, student: Path, seed: int) -> dict:
         "schedule": "constant",
         "eval_every": a.eval_every,
         "checkpoint_every": a.eval_every,
-        "num_workers": 0,  # Train local mode: keeps every checkpoint (Ray Train keeps 2)
+        "num_workers": 0,  # Train local mode: one process
+        "keep_checkpoints": 0,  # every checkpoint: the curve evaluates each
         "seed": seed,
         "resume": False,
     }

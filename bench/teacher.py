@@ -69,7 +69,8 @@ def setup(work: Path, n_rows: int, n_prompts: int) -> Path:
 
     model = work / "model"
     if not (model / "config.json").exists():
-        write_world(work / "world", n_train=2000, n_heldout=10, n_markov=10, seed=0)
+        # ~25 tokens a problem: enough text for n_rows full rows of SEQ tokens
+        write_world(work / "world", n_train=max(2000, 6 * n_rows), n_heldout=10, n_markov=10)
         init_model("small", work / "world" / "train.jsonl", model)
     tok = load_tokenizer(model)
     pairs = [json.loads(x) for x in open(work / "world" / "train.jsonl")]
@@ -80,6 +81,11 @@ def setup(work: Path, n_rows: int, n_prompts: int) -> Path:
         for t in tok(p["prompt"] + " " + p["response"], add_special_tokens=False)["input_ids"]
         + [tok.eos_token_id]
     ]
+    if len(stream) < n_rows * SEQ:
+        raise SystemExit(
+            f"{work}: its world has {len(stream) // SEQ} rows of {SEQ} tokens, not {n_rows}; "
+            "use another --work folder (the world is built once per folder)"
+        )
     seqs = [np.asarray(stream[i * SEQ : (i + 1) * SEQ], np.int32) for i in range(n_rows)]
     prepared = work / "out" / "prepared"
     (prepared / "train").mkdir(parents=True, exist_ok=True)

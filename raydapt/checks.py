@@ -108,6 +108,10 @@ def validate(cfg: Any) -> list[str]:
         p.append(f"train.lr: must be > 0, got {cfg.train.lr}")
     if cfg.train.num_workers < 0:
         p.append(f"train.num_workers: must be >= 0, got {cfg.train.num_workers}")
+    if cfg.train.keep_checkpoints < 0:
+        p.append(
+            f"train.keep_checkpoints: must be >= 0 (0 keeps all), got {cfg.train.keep_checkpoints}"
+        )
     if cfg.train.mode == "lora" and not cfg.train.lora_targets:
         p.append("train.lora_targets: lora mode needs at least one target module")
     if cfg.train.mode == "transfer" and cfg.train.freeze_layers < 0:

@@ -200,6 +200,10 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "Max global grad norm; 0 disables clipping.")
     activation_checkpointing: bool = _f(False, "Recompute decoder blocks in backward.")
     checkpoint_every: int = _f(50, "Save a sharded checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = _f(
+        2,
+        "Checkpoints to keep, the newest N (0: all, e.g. to evaluate along a run).",
+    )
     eval_every: int = _f(50, "Validation loss every N steps (0: only at the end).")
     seed: int = _f(0, "Seed for init, data order and dropout.")
     resume: bool = _f(True, "Resume from the run's latest checkpoint when one exists.")

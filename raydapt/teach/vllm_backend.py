@@ -44,7 +44,7 @@ class VLLMBackend:
 
         tp = spec.tensor_parallel_size
         in_process_engine(tp)
-        self.k = int(spec.k)
+        self.k, self.tp = int(spec.k), tp
         self.llm = LLM(
             model=spec.model,
             dtype=spec.dtype,
@@ -82,12 +82,9 @@ class VLLMBackend:
                 getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False)
             )
         check_payload(payload, self._shapes, self._tied)
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
-            raise RuntimeError(
-                "load_weights needs the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, "
-                "tensor_parallel_size 1): a multiprocess engine core receives tensors as lists"
-            )
-        seconds = load_into_engine(self.llm, payload, version)
+        # tensor-parallel workers are processes of their own whatever the variable says
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and self.tp == 1
+        seconds = load_into_engine(self.llm, payload, version, in_process)
         self.weight_version = version
         return seconds
 

@@ -30,7 +30,10 @@ What each step guards against (each found by a probe, see tests/onpolicy):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -117,11 +120,44 @@ def check_payload(
         )
 
 
-def load_into_engine(llm: Any, payload: Mapping[str, Any], version: int | str) -> float:
+def load_into_engine(
+    llm: Any, payload: Mapping[str, Any], version: int | str, in_process: bool = True
+) -> float:
     """Reload the engine's weights in place from `payload`; seconds taken. Call check_payload
-    first: this assumes the payload is complete and well-shaped."""
+    first: this assumes the payload is complete and well-shaped.
+
+    in_process: the engine's worker lives in this process, so it takes the tensors as they
+    are (views of the payload's arrays). Otherwise (vLLM's default multiprocess engine, tensor
+    parallel workers) `collective_rpc` would serialise every tensor into each worker's
+    message, so the weights go through a safetensors file in shared memory instead, which
+    each worker reads with vLLM's own loader (`reload_weights(weights_path=...)`).
+    """
     t0 = time.perf_counter()
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": from_payload(payload)})
+    if in_process:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": from_payload(payload)})
+    else:
+        with shared_checkpoint(payload) as folder:
+            llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
     llm.reset_prefix_cache()  # KV computed with the old weights must never be reused
     llm.llm_engine.set_weight_version(str(version))
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def shared_checkpoint(payload: Mapping[str, Any]) -> Iterator[Path]:
+    """`payload` as a one-file safetensors folder in /dev/shm (a temporary folder where there
+    is none), removed on exit. The engine points its model path there during the reload and
+    never reads it again: raydapt reloads only with explicit weights."""
+    from safetensors.torch import save_file
+
+    shm = Path("/dev/shm")
+    folder = Path(tempfile.mkdtemp(prefix="raydapt-weights-", dir=shm if shm.is_dir() else None))
+    try:
+        # save_file refuses tensors that share memory; the payload's views never do
+        save_file(
+            {name: t.contiguous() for name, t in from_payload(payload)},
+            str(folder / "model.safetensors"),
+        )
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -8,7 +8,8 @@ temporary folder and passes it to `ray.train.report(checkpoint=...)`; Ray Train 
 ranks' files into one `<storage>/<run>/checkpoint_<step>/` folder and registers it only
 after every rank reported, so a crash mid-save leaves nothing that a resume would read.
 In Train local mode (`num_workers=0`) Ray keeps no checkpoints, so they go to
-`<train_dir>/checkpoints/step_<N>/` through `storage.atomic_dir` instead.
+`<train_dir>/checkpoints/checkpoint_<N>/` through `storage.atomic_dir` instead, and
+`train.keep_checkpoints` is applied here (`prune_local`).
 
 The data position is the step itself (see data.py), so model, optimizer, scheduler, step
 and RNG are all a resume needs for the loss curve to continue exactly.
@@ -61,8 +62,13 @@ def save(
     metrics: dict,
     train_dir: Path,
     local_mode: bool,
+    keep: int = 0,
 ) -> None:
-    """Save a checkpoint at `step` and report it (with `metrics`) to Ray Train. All ranks call."""
+    """Save a checkpoint at `step` and report it (with `metrics`) to Ray Train. All ranks call.
+
+    keep: train.keep_checkpoints, the newest N to keep (0: all). Ray Train applies it to its
+    own checkpoints (CheckpointConfig); local mode's are pruned here, once the new one is
+    complete, so a crash mid-save never leaves fewer than N whole checkpoints."""
     import ray.train  # slow to import (about 1 s); only workers report
 
     _, size = world()
@@ -80,6 +86,7 @@ def save(
             _write_shards(tmp, model, optim, meta)
             finish_manifest(tmp, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(final)))
+        prune_local(train_dir, keep)
         return
     tmp = Path(tempfile.mkdtemp(prefix=f"raydapt-{name}-"))
     try:
@@ -122,6 +129,21 @@ def latest_local(train_dir: Path) -> Path | None:
         p for p in sorted(root.glob("checkpoint_*")) if ".tmp-" not in p.name and read_manifest(p)
     ]
     return done[-1] if done else None
+
+
+def prune_local(train_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete local-mode checkpoints (keep 0: none); the
+    deleted folders. Torn `.tmp-*` folders are left to `atomic_dir`'s own cleanup."""
+    if keep <= 0:
+        return []
+    root = train_dir / "checkpoints"
+    done = [
+        p for p in sorted(root.glob("checkpoint_*")) if ".tmp-" not in p.name and read_manifest(p)
+    ]
+    old = done[:-keep]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
 
 
 def latest_ray(run_dir: Path) -> Path | None:

@@ -396,7 +396,17 @@ def train_func(config: dict[str, Any]) -> dict:
         log.write(m)
         last = m
         if is_checkpoint_step(step, tc):
-            ckpt.save(model, optim, sched, step, plan.ckpt_key, m, plan.train_dir, plan.local_mode)
+            ckpt.save(
+                model,
+                optim,
+                sched,
+                step,
+                plan.ckpt_key,
+                m,
+                plan.train_dir,
+                plan.local_mode,
+                tc.keep_checkpoints,
+            )
         elif is_report_step(step, tc):
             ray.train.report(m)
         hold_for_kill(plan.hold, step, rank)

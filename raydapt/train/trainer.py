@@ -70,7 +70,7 @@ def build_trainer(plan: TrainPlan, callbacks: Sequence[Any] = (), source: Any = 
         # a dead worker or node restarts the whole worker group, which resumes from the
         # latest registered checkpoint (loop.resume_step); the data position is the step
         failure_config=FailureConfig(max_failures=tc.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints or None),
         # Train's INFO lines (one per report) would bury the trainer's own progress line
         logging_config=LoggingConfig(log_level="WARNING"),
         callbacks=list(callbacks),

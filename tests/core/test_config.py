@@ -66,7 +66,7 @@ def test_cross_field_checks():
             {
                 "corpus": {"source": "files"},
                 "teach": {"min_actors": 3, "max_actors": 1},
-                "train": {"mode": "distill", "kd_k": 8, "jsd_beta": 1.5},
+                "train": {"mode": "distill", "kd_k": 8, "jsd_beta": 1.5, "keep_checkpoints": -1},
                 "tune": {
                     "space": {
                         "train.lr": {"loguniform": [0, 1]},
@@ -81,6 +81,7 @@ def test_cross_field_checks():
     # a removed key names its replacement; ranges match the losses' ([0, 1] for jsd_beta)
     assert "train.kd_k: removed; use teach.k" in msg
     assert "train.jsd_beta: must be in [0, 1], got 1.5" in msg
+    assert "train.keep_checkpoints: must be >= 0 (0 keeps all), got -1" in msg
     assert "tune.space.train.lr.loguniform: bounds must be > 0" in msg
     assert "tune.space.train.nope: train has no key `nope`" in msg
     assert "tune.space.lr: only train.* keys" in msg

@@ -72,15 +72,24 @@ def test_payload_names_and_shapes_are_checked(tiny_model_dir):
     )
 
 
-def test_engine_takes_new_weights_in_place(tiny_model_dir, world_dir, tmp_path, ray_session):
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["in-process", "multiprocess"])
+def test_engine_takes_new_weights_in_place(
+    tiny_model_dir, world_dir, tmp_path, ray_session, multiprocess
+):
+    """In-process engines take the tensors directly; vLLM's multiprocess engine (its default
+    off CPU) through a safetensors file in shared memory. Both must end up as model B."""
     ray = ray_session()
     a = tiny_model_dir
     b = init_model("tiny", world_dir / "train.jsonl", tmp_path / "b", seed=1, tokenizer_from=a)
     prompt = _long_prompt(world_dir, a)
     model_b = _hf(b)
     want_b = _greedy(model_b, prompt, NEW_TOKENS)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    if multiprocess:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    shm_before = set(Path("/dev/shm").glob("raydapt-weights-*"))
 
-    @ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
+    @ray.remote(num_cpus=1, runtime_env={"env_vars": env})
     class Rollout:
         def __init__(self, model: str, dtype: str):
             from raydapt.teach.spec import ActorSpec
@@ -102,8 +111,18 @@ def test_engine_takes_new_weights_in_place(tiny_model_dir, world_dir, tmp_path, 
         def score(self, seq: list[int]):
             return self.b.score([np.asarray(seq)])[0], self.b.weight_version
 
+        def engine_pids(self) -> tuple[int, set[int]]:
+            import os
+
+            import psutil
+
+            kids = {c.pid for c in psutil.Process().children(recursive=True)}
+            return os.getpid(), kids
+
     actor = Rollout.remote(str(a), engine_dtype("auto", a, False))
     try:
+        _, children = ray.get(actor.engine_pids.remote())
+        assert bool(children) == multiprocess  # the engine core is a process of its own, or not
         before = ray.get(actor.greedy.remote(prompt))  # fills the prefix cache with A's KV
         assert before == _greedy(_hf(a), prompt, NEW_TOKENS)
         assert before != want_b, "A and B agree: the test could not see a failed sync"
@@ -125,5 +144,7 @@ def test_engine_takes_new_weights_in_place(tiny_model_dir, world_dir, tmp_path, 
         with pytest.raises(ray.exceptions.RayTaskError, match="missing: model.norm.weight"):
             ray.get(actor.load.remote(broken, 8))
         assert ray.get(actor.greedy.remote(prompt)) == want_b  # refused before loading anything
+        # the shared-memory checkpoint is gone once loaded: nothing accumulates per sync
+        assert set(Path("/dev/shm").glob("raydapt-weights-*")) == shm_before
     finally:
         ray.kill(actor)

@@ -448,8 +448,10 @@ def test_online_teacher_vocab_mismatch(job, world_dir, tmp_path):
 def test_incompatible_and_incomplete_checkpoint(job):
     from raydapt.train.stage import prepare_train_dir
 
-    cfg = job("ck", max_steps=2, checkpoint_every=1, eval_every=0)
+    cfg = job("ck", max_steps=2, checkpoint_every=1, eval_every=0, keep_checkpoints=1)
     run_train(cfg)
+    kept = sorted(p.name for p in (layout.train_dir(cfg) / "checkpoints").glob("checkpoint_*"))
+    assert kept == ["checkpoint_000002"]  # train.keep_checkpoints: 1, the newest
     with pytest.raises(UserError, match="past train.max_steps=1"):
         train.plan(job("ck", max_steps=1))
     lora = job("ck", mode="lora", max_steps=2)
