@@ -19,6 +19,7 @@ top-k targets), which suits corpora of up to some million rows per node.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import numpy as np
@@ -45,9 +46,14 @@ def load_shard(name: str, columns: list[str]) -> pa.Table:
     return load_rows(shard.iter_batches(batch_format="pyarrow", batch_size=1024), columns)
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_perm(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of `epoch`, read-only. Cached: every micro-batch reads it, and drawing a
+    permutation of 2M rows takes about 0.25 s, which uncached cost every step that much."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    return torch.randperm(n, generator=g).numpy()
+    perm = torch.randperm(n, generator=g).numpy()
+    perm.flags.writeable = False
+    return perm
 
 
 def micro_batch_rows(
