@@ -122,12 +122,17 @@ def check_folder(folder: Path, ckpt_key: str) -> dict:
     return meta
 
 
-def latest_local(train_dir: Path) -> Path | None:
-    """The newest complete local-mode checkpoint (torn `.tmp-*` folders are ignored)."""
+def complete_local(train_dir: Path) -> list[Path]:
+    """Complete local-mode checkpoints, oldest first (torn `.tmp-*` folders are ignored)."""
     root = train_dir / "checkpoints"
-    done = [
+    return [
         p for p in sorted(root.glob("checkpoint_*")) if ".tmp-" not in p.name and read_manifest(p)
     ]
+
+
+def latest_local(train_dir: Path) -> Path | None:
+    """The newest complete local-mode checkpoint."""
+    done = complete_local(train_dir)
     return done[-1] if done else None
 
 
@@ -136,11 +141,7 @@ def prune_local(train_dir: Path, keep: int) -> list[Path]:
     deleted folders. Torn `.tmp-*` folders are left to `atomic_dir`'s own cleanup."""
     if keep <= 0:
         return []
-    root = train_dir / "checkpoints"
-    done = [
-        p for p in sorted(root.glob("checkpoint_*")) if ".tmp-" not in p.name and read_manifest(p)
-    ]
-    old = done[:-keep]
+    old = complete_local(train_dir)[:-keep]
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
     return old

@@ -119,12 +119,18 @@ class Distill(Objective):
     parts: ClassVar[tuple[str, ...]] = ("kd", "ce")
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Parts]:
+        return self.losses(model, batch)
+
+    def losses(
+        self, model: nn.Module, batch: Batch, probe: Probe | None = None
+    ) -> tuple[Tensor, Parts]:
+        """KD and CE on the whole logits; `probe` goes to the KD term (diagnostics.py)."""
         ids = batch["input_ids"]  # (B, T)
         logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
         ce = ce_loss(logits, ids, batch["loss_mask"])
-        return distill_loss(self.kd_term(logits, batch), ce, self.alpha)
+        return distill_loss(self.kd_term(logits, batch, probe), ce, self.alpha)
 
-    def kd_term(self, logits: Tensor, batch: Batch) -> Tensor:
+    def kd_term(self, logits: Tensor, batch: Batch, probe: Probe | None = None) -> Tensor:
         raise NotImplementedError
 
 
@@ -140,22 +146,15 @@ class StoredSignalDistill(Distill):
         loss, parts = self.losses(model, batch, probe)
         return loss, parts | signal_parts(probe, batch["loss_mask"], batch.get("topk_logprobs"))
 
-    def losses(self, model: nn.Module, batch: Batch, probe: Probe) -> tuple[Tensor, Parts]:
-        ids = batch["input_ids"]  # (B, T)
-        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        ce = ce_loss(logits, ids, batch["loss_mask"])
-        return distill_loss(self.kd_term(logits, batch, probe), ce, self.alpha)
-
-    def kd_term(self, logits: Tensor, batch: Batch, probe: Probe | None = None) -> Tensor:
-        raise NotImplementedError
-
 
 @dataclass(frozen=True, eq=False)
 class TopKDistill(StoredSignalDistill):
     """KD against the stored teacher top-k, exact over k ids plus a tail bucket; KD and CE
     share one head matmul per chunk of hidden states where the head allows it."""
 
-    def losses(self, model: nn.Module, batch: Batch, probe: Probe) -> tuple[Tensor, Parts]:
+    def losses(
+        self, model: nn.Module, batch: Batch, probe: Probe | None = None
+    ) -> tuple[Tensor, Parts]:
         if not supports_hidden(model):
             return super().losses(model, batch, probe)
         ids, mask = batch["input_ids"], batch["loss_mask"]
@@ -203,8 +202,8 @@ class OnlineDistill(Distill):
 
     teacher: nn.Module | None = None
 
-    def kd_term(self, logits: Tensor, batch: Batch) -> Tensor:
-        ids = batch["input_ids"]
+    def kd_term(self, logits: Tensor, batch: Batch, probe: Probe | None = None) -> Tensor:
+        ids = batch["input_ids"]  # no stored signal, nothing for a probe
         with torch.no_grad():
             t_logits = self.teacher(input_ids=ids, use_cache=False).logits  # (B, T, V)
         return full_kd_loss(logits, t_logits, batch["loss_mask"], self.kd)
