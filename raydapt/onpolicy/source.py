@@ -269,8 +269,9 @@ class RolloutSource:
 
     def _teacher_ended(self) -> float:
         """The share of the teacher's own samples, on up to 16 train prompts at the rollout's
-        settings, that end within max_tokens: drawn once (the EOS guard's probe); 1.0 with
-        the guard off."""
+        settings, that end within max_tokens: drawn once (the EOS guard's probe). With the
+        guard off nothing is drawn and 1.0 stands in (eos_check ignores it; it is not
+        logged)."""
         if self.spec.cfg.eos_guard == "off":
             return 1.0
         if self.teacher_ended is None:
@@ -376,8 +377,9 @@ class RolloutSource:
             "prompt_epoch": step * n / len(self.prompts),
             "on_policy": float(on_policy),
             "eos_masked": sum(ended) if mask_eos else 0,
-            "teacher_ended_fraction": self._teacher_ended(),
         }
+        if self.teacher_ended is not None:  # probed (guard on): a 1.0 stand-in would mislead
+            stats["teacher_ended_fraction"] = self.teacher_ended
         if ends:
             stats["eos_teacher_logprob"] = float(np.median(ends))
         return table, stats

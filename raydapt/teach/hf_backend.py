@@ -73,17 +73,19 @@ class HFBackend:
             input_ids=ids.to(self.device), attention_mask=attn.to(self.device)
         ).logits  # (B, T, V)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        return [self.signal_of(logp[b, : len(s)], s) for b, s in enumerate(seqs)]
+
+    def signal_of(self, logp, seq: np.ndarray) -> tuple:
+        """One row's stored signal from its (T, V) float32 log-probs: what `score` returns for
+        the row. Public so that a study holding the teacher's log-probs can rebuild any signal
+        without another forward pass (bench/signal_frontier.py)."""
         if self.signal != "topk":
-            return [self._draws(logp[b, : len(s)], s) for b, s in enumerate(seqs)]
-        top_lp, top_id = logp.topk(self.k, dim=-1)  # (B, T, k), sorted descending
-        res = []
-        for b, s in enumerate(seqs):
-            n = len(s)
-            a = top_id[b, :n].cpu().numpy().astype(np.int64)  # (T, k)
-            p = top_lp[b, :n].cpu().numpy().astype(np.float32)  # (T, k)
-            pad_row(a, p, n - 1)
-            res.append((a, p))
-        return res
+            return self._draws(logp, seq)
+        top_lp, top_id = logp.topk(self.k, dim=-1)  # (T, k), sorted descending
+        a = top_id.cpu().numpy().astype(np.int64)
+        p = top_lp.cpu().numpy().astype(np.float32)
+        pad_row(a, p, len(seq) - 1)
+        return a, p
 
     def _draws(self, logp, seq: np.ndarray) -> tuple:
         """One row's sampled signal: (top-k ids, logprobs or None, draw ids, counts), (T, .)
