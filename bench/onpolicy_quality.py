@@ -526,9 +526,9 @@ def write_md(a, teacher: dict, by: dict[str, list[dict]], wall: float, teacher_w
 
 Written by `bench/onpolicy_quality.py` ({time.strftime("%Y-%m-%d")}; machine:
 {_machine()}; {a.source_state}). Rerun: `.venv/bin/python bench/onpolicy_quality.py --seeds {seeds}
---steps {a.steps}`: the whole study took {wall / 60:.0f} min of wall time here, of which the
-teacher's training {_teacher_time(teacher_wall)}. A rerun on the same `--out` reuses the
-stages and runs it finds up to date.{" " + a.note if a.note else ""}
+--steps {a.steps}{_rerun_extras(a)}`: the whole study took {wall / 60:.0f} min of wall time
+here, of which the teacher's training {_teacher_time(teacher_wall)}. A rerun on the same
+`--out` reuses the stages and runs it finds up to date.{" " + a.note if a.note else ""}
 
 ## Setting (the operating point)
 
@@ -682,6 +682,18 @@ def _source_state() -> str:
     files = [line[3:] for line in changed if line.strip()]
     extra = f" plus uncommitted changes to {len(files)} raydapt files" if files else ""
     return f"raydapt at {head}{extra}"
+
+
+def _rerun_extras(a) -> str:
+    """The non-default arguments a rerun needs besides --seeds and --steps."""
+    out = ""
+    if list(a.methods) != list(DEFAULT_METHODS):
+        out += " --methods " + " ".join(a.methods)
+    if set(WARM_STARTED) & set(a.methods):
+        out += f" --warm-steps {a.warm_steps}"
+    if a.task != "reverse":
+        out += f" --task {a.task}"
+    return out
 
 
 def _machine() -> str:
