@@ -54,6 +54,7 @@ the same --out reuses the teacher, the tables and every finished run.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -82,7 +83,32 @@ SEQ_LEN = 128
 GOAL_BYTES = 40.0
 HAND_MARK = "<!-- written by hand below: kept by reruns -->"
 N_BINS = 15
-N_GRAD_BATCHES = 4
+# Per --model: the world's exact-reference study, and the real-LLM one sized for 2 cores
+# (a SmolLM2 student step costs about 100x a `tiny` one; its log-probs are 49k wide).
+DEFAULTS = {
+    "world": dict(
+        steps=200,
+        batch=16,
+        lr=3e-3,
+        train_rows=640,
+        budgets=[16, 32, 64, 128, 256],
+        noise_seeds=[2, 3],
+        grad_batches=4,
+        held_batch=32,
+        out=Path("/tmp/sf"),
+    ),
+    "smollm2": dict(
+        steps=40,
+        batch=4,
+        lr=3e-4,
+        train_rows=120,
+        budgets=[16, 32, 64, 128],
+        noise_seeds=[],
+        grad_batches=2,
+        held_batch=4,
+        out=Path("/tmp/sf-smollm2"),
+    ),
+}
 CALIB_ROWS = 64
 S_MAX = 4096
 
@@ -171,6 +197,65 @@ def build_teacher(a: argparse.Namespace, out: Path) -> Path:
     return tdir
 
 
+def smollm2_inputs(a: argparse.Namespace, out: Path) -> tuple[Path, Path, list, list, dict]:
+    """`--model smollm2`: the teacher is SmolLM2-135M-Instruct, the student is cut from it
+    (`student.keep_every`), and the rows are the teacher's own answers to the world's open
+    instructions through its chat template: `jobs/smollm2-distill.yaml`'s prepare and teach
+    stages (`teach.kind: generate`, vLLM pool), for the train and validation splits. This
+    is the real-LLM case where a distilled student learns from teacher text, with the
+    49,152-token vocabulary whose tails top-k cuts. Cached under --out/job."""
+    import ray
+
+    from raydapt import layout
+    from raydapt.cluster import connect
+    from raydapt.config import load_job
+    from raydapt.models import load_tokenizer
+    from raydapt.pipeline import derived, run_stage
+    from raydapt.sources import build_model
+    from raydapt.storage import read_manifest
+    from raydapt.targets import read_targets
+
+    job = load_job(
+        ROOT / "jobs" / "smollm2-distill.yaml",
+        [
+            f"output_dir={(out / 'job').absolute()}",
+            f"student.keep_every={a.keep_every}",
+            "teach.kind=generate",
+        ],
+    )
+    held = derived(job, "heldout", teach={"split": "validation"})
+    t0 = time.time()
+    if not all(read_manifest(layout.targets_dir(j)) for j in (job, held)):
+        connect(job.cluster, None)
+        for j in (job, held):
+            if j is job:
+                run_stage("prepare", job)
+            run_stage("teach", j)
+        ray.shutdown()
+
+    def rows(j) -> list[tuple[np.ndarray, np.ndarray]]:
+        _, files = read_targets(layout.targets_dir(j))
+        t = pa.concat_tables(pq.read_table(f, columns=["input_ids", "loss_mask"]) for f in files)
+        return [
+            (np.asarray(i, np.int32), np.asarray(m, np.uint8))
+            for i, m in zip(t.column("input_ids").to_pylist(), t.column("loss_mask").to_pylist())
+        ]
+
+    tdir, sdir = build_model(job, "teacher"), build_model(job, "student")
+    pruned = json.loads((sdir / "pruned.json").read_text())
+    info = {
+        "model": "SmolLM2-135M-Instruct",
+        "steps": 0,
+        "wall_s": round(time.time() - t0, 1),
+        "vocab": len(load_tokenizer(tdir)),
+        "student_layers": pruned["kept_layers"],
+        "student_params": pruned["params"],
+        "max_tokens": job.teach.max_tokens,
+        "temperature": job.teach.temperature,
+    }
+    return tdir, sdir, rows(job), rows(held), info
+
+
 def lr_schedule(opt, steps: int, warmup: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -217,62 +302,64 @@ def write_measure(table: pa.Table, path: Path) -> dict:
 
 
 class Scorer:
-    """The teacher behind HFBackend, plus the inputs every table shares."""
+    """The teacher behind HFBackend, plus the inputs every table shares.
+
+    The teacher's (T, V) float32 log-probs of every row are computed once, by the backend's
+    own model, and every table is rebuilt from them with the backend's own signal code
+    (`HFBackend.signal_of`): one forward pass per row for the whole study, which is what
+    makes the 49k-vocabulary version affordable on 2 cores (about 3.5 GB held in memory)."""
 
     def __init__(self, tdir: Path, seqs: list[np.ndarray], masks: list[np.ndarray]):
-        from raydapt.targets import id_dtype_for
+        from raydapt.teach.hf_backend import HFBackend
         from raydapt.teach.spec import ActorSpec
 
         self.tdir, self.seqs, self.masks = tdir, seqs, masks
         self.ids = [hashlib.sha256(s.tobytes()).hexdigest()[:20] for s in seqs]
-        self.vocab = None
         self.base = ActorSpec(model=str(tdir), backend="hf", dtype="float32", id_dtype="uint16")
-        self._calib_lp: list[torch.Tensor] | None = None
+        self._be = HFBackend(self.base)
+        self._lp: list[torch.Tensor | None] = [None] * len(seqs)
         # evenly spaced rows: the packed rows run from the exact tasks to the Markov text
         self.calib = np.linspace(0, len(seqs) - 1, min(CALIB_ROWS, len(seqs))).round().astype(int)
-        self.id_dtype_for = id_dtype_for
+
+    @property
+    def teacher_model(self):
+        return self._be.model
 
     def spec(self, kind: str, k: int, s: int, seed: int):
         return dataclasses.replace(
             self.base, signal=kind, k=max(k, 1) if kind != "sampled" else 1, samples=s, seed=seed
         )
 
-    def backend(self, spec):
-        from raydapt.teach.hf_backend import HFBackend
+    def logp(self, i: int) -> torch.Tensor:
+        if self._lp[i] is None:
+            x = torch.as_tensor(self.seqs[i].astype(np.int64))[None]
+            with torch.inference_mode():
+                logits = self._be.model(input_ids=x, use_cache=False).logits.float()
+                self._lp[i] = torch.log_softmax(logits, -1)[0]
+        return self._lp[i]
 
-        return HFBackend(spec)
+    def dense(self, spec, rows) -> list[tuple]:
+        """What `HFBackend(spec).score` returns for `rows`, from the cached log-probs."""
+        be = copy.copy(self._be)
+        be.signal, be.k, be.samples, be.seed = spec.signal, spec.k, spec.samples, spec.seed
+        with torch.inference_mode():
+            return [be.signal_of(self.logp(i), self.seqs[i]) for i in rows]
 
-    def table(self, spec, rows=None, dense=None) -> pa.Table:
+    def table(self, spec, rows=None) -> pa.Table:
         from raydapt.teach.work import scored_table
 
         rows = range(len(self.seqs)) if rows is None else rows
-        seqs = [self.seqs[i] for i in rows]
-        if dense is None:
-            dense = self.backend(spec).score(seqs)
         return scored_table(
-            [self.ids[i] for i in rows], seqs, [self.masks[i] for i in rows], dense, spec
+            [self.ids[i] for i in rows],
+            [self.seqs[i] for i in rows],
+            [self.masks[i] for i in rows],
+            self.dense(spec, rows),
+            spec,
         )
 
     def calib_bytes(self, spec, scratch: Path) -> float:
-        """Signal bytes/token of the calibration rows under `spec`: the backend's own draw code
-        (HFBackend._draws) on cached teacher log-probs, so the search costs no forward passes."""
-        be = self.backend(spec)
-        if self._calib_lp is None:
-            self._calib_lp = []
-            with torch.inference_mode():
-                for i in self.calib:
-                    x = torch.as_tensor(self.seqs[i].astype(np.int64))[None]
-                    self._calib_lp.append(
-                        torch.log_softmax(be.model(input_ids=x).logits.float(), -1)[0]
-                    )
-        seqs = [self.seqs[i] for i in self.calib]
-        if spec.signal == "topk":
-            dense = be.score(seqs)
-        else:
-            with torch.inference_mode():
-                dense = [be._draws(lp, s) for lp, s in zip(self._calib_lp, seqs)]
-        t = self.table(spec, self.calib, dense)
-        return write_measure(t, scratch)["signal_bpt"]
+        """Signal bytes/token of the calibration rows under `spec` (the search for s)."""
+        return write_measure(self.table(spec, self.calib), scratch)["signal_bpt"]
 
 
 def largest_s(fits, lo: int = 1) -> int:
@@ -468,7 +555,7 @@ def run_seed(
     rdir.mkdir(parents=True, exist_ok=True)
     tables = {} if only_full else make_tables(a, sc, out, seed)
 
-    sdir = out / "students" / f"init{seed}"
+    sdir = a.student_dir or out / "students" / f"init{seed}"  # smollm2: one pruned init
     if not (sdir / "config.json").is_file():
         init_model("tiny", "", sdir, seed=seed, tokenizer_from=tdir)
     student = load_model(sdir)
@@ -477,7 +564,7 @@ def run_seed(
     pad = tok.pad_token_id
     kd = kd_of(TrainConfig(kd_loss="forward_kl", kd_temperature=1.0))
     order = epoch_order(np.random.default_rng(seed), a.train_rows, a.steps, a.batch)
-    grad_rows = [np.arange(i * a.batch, (i + 1) * a.batch) for i in range(N_GRAD_BATCHES)]
+    grad_rows = [np.arange(i * a.batch, (i + 1) * a.batch) for i in range(a.grad_batches)]
     base_tab = rows_table(list(zip(sc.seqs, sc.masks)))  # the input columns every table holds
     ctx = {
         "student_cls": LlamaForCausalLM,
@@ -742,17 +829,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument(
+        "--model",
+        choices=sorted(DEFAULTS),
+        default="world",
+        help="world: the `small` teacher and `tiny` students on the embedded world (311-token "
+        "vocabulary); smollm2: SmolLM2-135M-Instruct and a student pruned from it, on the "
+        "teacher's own answers (49k vocabulary). Sets the defaults marked (model)",
+    )
+    ap.add_argument(
+        "--keep-every", type=int, default=6, help="smollm2: the student keeps every n-th layer"
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="paired student seeds")
     ap.add_argument(
         "--noise-seeds",
         type=int,
         nargs="*",
-        default=[2, 3],
-        help="extra seeds trained with full KD only, for the seed-noise estimate",
+        help="extra seeds trained with full KD only, for the seed-noise estimate (model)",
     )
-    ap.add_argument("--steps", type=int, default=200, help="student steps per run")
-    ap.add_argument("--batch", type=int, default=16, help="rows per student step")
-    ap.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate")
+    ap.add_argument("--steps", type=int, help="student steps per run (model)")
+    ap.add_argument("--batch", type=int, help="rows per student step (model)")
+    ap.add_argument("--lr", type=float, help="student peak learning rate (model)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument(
         "--alpha",
@@ -760,9 +857,9 @@ def main() -> None:
         default=1.0,
         help="kd_alpha of every distilled student (1: pure KD, the signal alone)",
     )
-    ap.add_argument("--budgets", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--budgets", type=int, nargs="+", help="bytes per token (model)")
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    ap.add_argument("--train-rows", type=int, default=640, help="packed rows scored and trained on")
+    ap.add_argument("--train-rows", type=int, help="rows scored and trained on (model)")
     ap.add_argument("--teacher-steps", type=int, default=300)
     ap.add_argument("--teacher-lr", type=float, default=3e-3)
     ap.add_argument(
@@ -771,29 +868,36 @@ def main() -> None:
         default=1,
         help="torch threads (1 holds up best on a shared, oversubscribed 2-core box)",
     )
-    ap.add_argument("--out", type=Path, default=Path("/tmp/sf"))
+    ap.add_argument("--out", type=Path, help="scratch folder, reused by a rerun (model)")
     ap.add_argument(
         "--no-write", action="store_true", help="print only: no md, png or results.json"
     )
     a = ap.parse_args()
+    for key, value in DEFAULTS[a.model].items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
     torch.set_num_threads(a.threads)
     t_start = time.time()
 
-    from raydapt.models import load_model, load_tokenizer
+    from raydapt.models import load_tokenizer
 
     a.out.mkdir(parents=True, exist_ok=True)
-    tdir = build_teacher(a, a.out)
-    tinfo = json.loads((tdir / "trained.json").read_text())
-    tok = load_tokenizer(tdir)
-    rows = packed_rows(a.out / "world" / "train.jsonl", tok)
+    if a.model == "smollm2":
+        tdir, a.student_dir, rows, held_rows, tinfo = smollm2_inputs(a, a.out)
+        tok = load_tokenizer(tdir)
+    else:
+        tdir, a.student_dir = build_teacher(a, a.out), None
+        tinfo = json.loads((tdir / "trained.json").read_text())
+        tok = load_tokenizer(tdir)
+        rows = packed_rows(a.out / "world" / "train.jsonl", tok)
+        held_rows = packed_rows(a.out / "world" / "heldout.jsonl", tok)
     pick = np.random.default_rng(7).permutation(len(rows))[: a.train_rows]
     train_rows = [rows[i] for i in sorted(pick)]
     a.train_rows = len(train_rows)
-    held_rows = packed_rows(a.out / "world" / "heldout.jsonl", tok)
     for _, m in train_rows:
         m[-1] = 0  # as teach.work.score_batch: the last position predicts nothing
     sc = Scorer(tdir, [r[0] for r in train_rows], [r[1] for r in train_rows])
-    teacher = load_model(tdir).eval()
+    teacher = sc.teacher_model  # one copy in memory: it scores the tables and teaches full KD
     for p in teacher.parameters():
         p.requires_grad_(False)
     n_tok = sum(len(r[0]) for r in train_rows)
@@ -806,8 +910,8 @@ def main() -> None:
 
     held_tab = rows_table(held_rows)
     hb = [
-        collate(held_tab, np.arange(i, min(i + 32, len(held_rows))), tok.pad_token_id)
-        for i in range(0, len(held_rows), 32)
+        collate(held_tab, np.arange(i, min(i + a.held_batch, len(held_rows))), tok.pad_token_id)
+        for i in range(0, len(held_rows), a.held_batch)
     ]
     t_lp = []
     with torch.inference_mode():
@@ -868,11 +972,19 @@ def main() -> None:
         log(f"summary in {summary}; md, png and results.json left as they were")
         return
     bench = Path(__file__).resolve().parent
-    title = (
-        f"signal frontier: tiny student, {a.steps} steps x {a.batch} rows, seeds {a.seeds}; "
-        f"teacher small ({tinfo['steps']} CE steps), V={tinfo['vocab']}"
-    )
-    plot(rows_s, info, bench / "signal_frontier.png", title)
+    name = "signal_frontier" if a.model == "world" else f"signal_frontier_{a.model}"
+    if a.model == "world":
+        title = (
+            f"signal frontier: tiny student, {a.steps} steps x {a.batch} rows, seeds {a.seeds}; "
+            f"teacher small ({tinfo['steps']} CE steps), V={tinfo['vocab']}"
+        )
+    else:
+        title = (
+            f"signal frontier on SmolLM2-135M-Instruct (V={tinfo['vocab']}): student of "
+            f"{len(tinfo['student_layers'])} layers, {a.steps} steps x {a.batch} rows, "
+            f"seeds {a.seeds}"
+        )
+    plot(rows_s, info, bench / f"{name}.png", title)
     figures = [
         ("full KD held-out CE (nats)", info["full_mean"], ""),
         (
@@ -911,7 +1023,7 @@ def main() -> None:
         "teacher_steps": tinfo["steps"],
         "wall_s": round(wall),
     }
-    record("signal_frontier", figures, settings)
+    record(name, figures, settings)
     timing = {
         "tables_s": sum(
             json.loads(f.read_text()).get("score_s", 0) for f in (a.out / "tables").glob("*.json")
@@ -920,7 +1032,7 @@ def main() -> None:
         "runs_s": sum(r["wall_s"] for r in results + noise_runs),
     }
     write_md(
-        bench / "signal_frontier.md",
+        bench / f"{name}.md",
         a,
         rows_s,
         info,
@@ -933,7 +1045,7 @@ def main() -> None:
         table_md,
         timing,
     )
-    log(f"wrote {bench / 'signal_frontier.md'} and {bench / 'signal_frontier.png'}")
+    log(f"wrote {bench / name}.md and .png")
 
 
 def write_md(
@@ -942,13 +1054,17 @@ def write_md(
     noise = info["noise"]
     full = next(r for r in rows if r["kind"] == "full")
     ce = next((r for r in rows if r["kind"] == "ce"), None)
+    smol = a.model == "smollm2"
     lines = [
-        "# Teacher-signal frontier: student quality against stored bytes per token",
+        "# Teacher-signal frontier: student quality against stored bytes per token"
+        + (" (SmolLM2-135M-Instruct)" if smol else ""),
         "",
         "Issue 15, item 3. Generated by `bench/signal_frontier.py` "
-        f"(`--seeds {' '.join(map(str, a.seeds))} --steps {a.steps}`) on "
+        f"(`{'--model smollm2 ' if smol else ''}--seeds {' '.join(map(str, a.seeds))} "
+        f"--steps {a.steps}`) on "
         f"{time.strftime('%Y-%m-%d')} on a shared 2-core CPU machine (no GPU), from the cached "
-        f"runs under `{a.out}`. Compute: teacher {tinfo['wall_s'] / 60:.1f} min, scoring the "
+        f"runs under `{a.out}`. Compute: teacher {'answers ' if smol else ''}"
+        f"{tinfo['wall_s'] / 60:.1f} min, scoring the "
         f"tables {timing['tables_s'] / 60:.1f} min, {timing['runs']} student runs "
         f"{timing['runs_s'] / 60:.1f} min (train + eval; gradient cosines and reruns not counted); "
         f"this invocation {wall / 60:.1f} min.",
@@ -1031,30 +1147,20 @@ def write_md(
         "`file B/tok`: the whole parquet file (with input_ids, loss_mask, id); `nominal`: "
         "`sampled_kd.bytes_per_token` (fixed width, uncompressed, s slots). KL(T‖S) is exact over "
         f"the {tinfo['vocab']}-token vocabulary; ECE over {N_BINS} bins; grad cos: the loss "
-        f"gradient's cosine to the full-KD gradient, mean over {N_GRAD_BATCHES} fixed batches, at "
+        f"gradient's cosine to the full-KD gradient, mean over {a.grad_batches} fixed batches, at "
         "the student init (`init`) and at the trained full-KD student of the same seed "
         "(`trained`).",
         "",
         table_md,
         "",
-        "![frontier](signal_frontier.png)",
+        f"![frontier]({path.stem}.png)",
         "",
         "## Set-up and choices",
         "",
-        f"- World: `write_world(n_train=2000, n_heldout=200, n_markov=1000, seed=0)`, tokenizer of "
-        f"{tinfo['vocab']} tokens; rows tokenized by `prepare.tokenize.Tokenize` and packed to "
-        f"{SEQ_LEN} tokens (`rows.pack`). Students train on {a.train_rows} packed rows "
-        f"({n_tok} tokens); held-out: {n_held} packed rows of heldout.jsonl.",
-        f"- Teacher: `small` preset (4 layers, hidden 256), {tinfo['steps']} CE steps of 16 rows, "
-        f"AdamW lr {a.teacher_lr}, in {tinfo['wall_s']:.0f} s; held-out CE "
-        f"{teacher_eval['held_ce']:.4f}, ECE {teacher_eval['ece']:.4f}.",
-        f"- Students: `tiny` preset (2 layers, hidden 128), one init per seed; {a.steps} steps of "
-        f"{a.batch} rows, AdamW lr {a.lr} (betas 0.9/0.95, no decay), {a.warmup} warmup steps, "
-        f"cosine to 10%, clip 1.0; kd_alpha {a.alpha} (1: pure KD, the signal alone), forward KL "
-        "at tau 1 (`kd_of(TrainConfig(kd_loss='forward_kl'))`). The same batch "
-        "order per seed for every kind.",
+        *(smollm2_setup if smol else world_setup)(a, tinfo, teacher_eval, n_tok, n_held),
         "- Tables: `HFBackend(ActorSpec(signal, k, samples, seed=student seed, id_dtype=uint16))"
-        ".score` then `teach.work.scored_table`, written with `pq.write_table(..., "
+        ".signal_of` on the teacher's float32 log-probs, computed once per row (what `.score` "
+        "returns), then `teach.work.scored_table`, written with `pq.write_table(..., "
         "compression='zstd')` and read back for training.",
         "- topk: k = budget / 4 (4 B per entry nominal). Compression puts the actual bytes well "
         "under the budget, so each topk point sits left of its budget on the plot.",
@@ -1091,6 +1197,46 @@ def write_md(
     if HAND_MARK in old:
         lines += [HAND_MARK + old.split(HAND_MARK, 1)[1].rstrip("\n")]
     path.write_text("\n".join(lines) + "\n")
+
+
+def student_recipe(a) -> str:
+    return (
+        f"{a.steps} steps of "
+        f"{a.batch} rows, AdamW lr {a.lr} (betas 0.9/0.95, no decay), {a.warmup} warmup steps, "
+        f"cosine to 10%, clip 1.0; kd_alpha {a.alpha} (1: pure KD, the signal alone), forward KL "
+        "at tau 1 (`kd_of(TrainConfig(kd_loss='forward_kl'))`). The same batch "
+        "order per seed for every kind."
+    )
+
+
+def world_setup(a, tinfo, teacher_eval, n_tok, n_held) -> list[str]:
+    return [
+        f"- World: `write_world(n_train=2000, n_heldout=200, n_markov=1000, seed=0)`, tokenizer of "
+        f"{tinfo['vocab']} tokens; rows tokenized by `prepare.tokenize.Tokenize` and packed to "
+        f"{SEQ_LEN} tokens (`rows.pack`). Students train on {a.train_rows} packed rows "
+        f"({n_tok} tokens); held-out: {n_held} packed rows of heldout.jsonl.",
+        f"- Teacher: `small` preset (4 layers, hidden 256), {tinfo['steps']} CE steps of 16 rows, "
+        f"AdamW lr {a.teacher_lr}, in {tinfo['wall_s']:.0f} s; held-out CE "
+        f"{teacher_eval['held_ce']:.4f}, ECE {teacher_eval['ece']:.4f}.",
+        "- Students: `tiny` preset (2 layers, hidden 128), one init per seed; " + student_recipe(a),
+    ]
+
+
+def smollm2_setup(a, tinfo, teacher_eval, n_tok, n_held) -> list[str]:
+    return [
+        "- Rows: `jobs/smollm2-distill.yaml`'s prepare and teach stages with `teach.kind="
+        "generate`: the teacher's own answers (vLLM pool, temperature "
+        f"{tinfo['temperature']}, up to {tinfo['max_tokens']} new tokens) to the world's open "
+        "instructions through its chat template, loss on the answer tokens. Students train on "
+        f"{a.train_rows} rows ({n_tok} tokens); held-out: the teacher's answers to "
+        f"{n_held} validation prompts. Making the answers took {tinfo['wall_s']:.0f} s.",
+        f"- Teacher: SmolLM2-135M-Instruct, float32, {tinfo['vocab']}-token vocabulary; on "
+        f"its own held-out answers CE {teacher_eval['held_ce']:.4f}, ECE "
+        f"{teacher_eval['ece']:.4f}.",
+        f"- Student: cut from the teacher (`raydapt.prune`, layers {tinfo['student_layers']}, "
+        f"{tinfo['student_params'] / 1e6:.1f}M parameters), the same init for every seed (the "
+        "seed sets the batch order and the teacher's draws); " + student_recipe(a),
+    ]
 
 
 if __name__ == "__main__":
