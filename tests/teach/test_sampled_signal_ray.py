@@ -23,6 +23,35 @@ from raydapt.train import plan as train_plan
 from raydapt.train.objective import SampledDistill, TopKSampledDistill, build_objective
 
 
+@pytest.mark.parametrize("signal", ["topk", "sampled", "topk+sampled"])
+def test_signal_of_rebuilds_what_score_returns(signal, tiny_model_dir):
+    """HFBackend.signal_of on a row's own log-probs gives score's result for that row, so a
+    study that holds the log-probs (bench/signal_frontier.py) stores exactly what teach would."""
+    import torch
+
+    spec = ActorSpec(model=str(tiny_model_dir), k=4, backend="hf", signal=signal, samples=16)
+    backend = HFBackend(spec)
+    tok = load_tokenizer(tiny_model_dir)
+    seqs = [
+        np.asarray(tok(t, add_special_tokens=False)["input_ids"], np.int32)
+        for t in ("add 12 30 #### 42", "reverse a b c d #### d c b a")
+    ]
+    scored = backend.score(seqs)
+    for seq, want in zip(seqs, scored):
+        with torch.inference_mode():
+            x = torch.as_tensor(seq.astype(np.int64))[None]
+            logp = torch.log_softmax(backend.model(input_ids=x).logits.float(), -1)[0]
+            got = backend.signal_of(logp, seq)
+        assert len(got) == len(want) == (2 if signal == "topk" else 4)
+        for g, w in zip(got, want):
+            if w is None:
+                assert g is None
+            elif np.issubdtype(w.dtype, np.floating):
+                np.testing.assert_allclose(g, w, atol=1e-5)
+            else:
+                assert np.array_equal(g, w)
+
+
 @pytest.mark.parametrize("signal", ["sampled", "topk+sampled"])
 def test_draws_are_seeded_per_row_and_stored_compactly(signal, tiny_model_dir):
     s, k = 16, 4
