@@ -343,7 +343,7 @@ class Scorer:
     def dense(self, spec, rows) -> list[tuple]:
         """What `HFBackend(spec).score` returns for `rows`, from the cached log-probs."""
         be = copy.copy(self._be)
-        be.signal, be.k, be.samples, be.seed = spec.signal, spec.k, spec.samples, spec.seed
+        be.set_signal(spec)
         with torch.inference_mode():
             return [be.signal_of(self.logp(i), self.seqs[i]) for i in rows]
 

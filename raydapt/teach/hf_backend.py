@@ -25,14 +25,19 @@ class HFBackend:
     def __init__(self, spec: ActorSpec):
         import torch
 
-        self.k = int(spec.k)
+        self.set_signal(spec)
         dtype = "float32" if spec.dtype == "auto" else spec.dtype
         self.model = load_model(spec.model, dtype, trust_remote_code=spec.trust_remote_code).eval()
         self.tokenizer = load_tokenizer(spec.model)
         self.device = "cuda" if torch.cuda.is_available() and spec.num_gpus else "cpu"
         self.model.to(self.device)
         self.max_batch_tokens = int(spec.hf_batch_tokens)
-        self.signal, self.samples, self.seed = spec.signal, int(spec.samples), int(spec.seed)
+
+    def set_signal(self, spec: ActorSpec) -> None:
+        """Take what to store (teach.signal, k, samples, seed) from `spec`; the model stays, so
+        a study can rebuild every signal from one loaded teacher (bench/signal_frontier.py)."""
+        self.k, self.signal = int(spec.k), spec.signal
+        self.samples, self.seed = int(spec.samples), int(spec.seed)
 
     def score(self, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each (T,) row -> (T, k) top-k ids and logprobs, in micro-batches of similar rows."""
