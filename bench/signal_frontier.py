@@ -893,6 +893,12 @@ def main() -> None:
     for key, value in DEFAULTS[a.model].items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
+    if a.train_rows < a.batch * a.grad_batches:
+        # the gradient cosines read the first grad_batches batches of the training rows
+        ap.error(
+            f"--train-rows {a.train_rows} is below --batch x grad_batches "
+            f"({a.batch} x {a.grad_batches} = {a.batch * a.grad_batches}): raise --train-rows"
+        )
     torch.set_num_threads(a.threads)
     t_start = time.time()
 

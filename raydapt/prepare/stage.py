@@ -196,11 +196,13 @@ def split_of(h: str, val_fraction: float) -> str:
     return "validation" if int(h[:8], 16) % 10_000 < val_fraction * 10_000 else "train"
 
 
-def split_files(prepared: str | os.PathLike, split: str) -> list[str]:
-    """Parquet files of one split of a complete prepared folder."""
+def split_files(prepared: str | os.PathLike, split: str, required: bool = True) -> list[str]:
+    """Parquet files of one split of a complete prepared folder; an empty split is a user
+    error unless `required` is false (on-policy KD: a corpus of open instructions has no
+    train rows, only prompts)."""
     require_manifest(prepared, "prepared data", "prepare JOB")
     files = sorted(str(f) for f in (Path(prepared) / split).glob("*.parquet"))
-    if not files:
+    if not files and required:
         raise UserError(
             f"prepared data at {prepared} has no {split!r} rows; "
             "lower/raise prepare.val_fraction or add data"

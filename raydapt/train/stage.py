@@ -197,7 +197,7 @@ def _train_source(job: JobConfig, tok_hash: str) -> tuple[list[str], dict | None
     if job.train.mode == "distill" and job.train.teacher == "on_policy":
         # the rows come from the rollout source; prepared train rows are optional (a corpus
         # of open instructions has none) and only GKD's reference share reads them
-        return sorted(str(f) for f in (layout.prepared_dir(job) / "train").glob("*.parquet")), None
+        return split_files(layout.prepared_dir(job), "train", required=False), None
     if not _offline(job.train):
         return split_files(layout.prepared_dir(job), "train"), None
     folder = layout.targets_dir(job)
