@@ -631,18 +631,7 @@ here, of which the teacher's training {_teacher_time(teacher_wall)}. A rerun on 
   is constant so that the checkpoint at step s (every {a.eval_every} steps) is the model a
   run of s steps would export: the curve below is exact match against student steps.
 - Methods (the jobs they follow):
-  - SFT: `train.mode: full` on the reference answers (`jobs/sft.yaml`).
-  - sequence-level KD: the teacher's greedy answers (`teach.kind: generate`, temperature 0),
-    CE on them (`kd_alpha: 0`; `jobs/seqkd.yaml`).
-  - offline logit KD: teacher top-{a.k} logprobs on the reference rows, `forward_kl`,
-    `kd_alpha: {a.kd_alpha}` (`jobs/distill-offline.yaml`).
-  - offline KD with `reverse_kl`, `kd_alpha: 1` (a diagnostic: on-policy KD's loss on the
-    reference rows instead of the student's samples).
-  - on-policy KD: `train.teacher: on_policy`, `reverse_kl` (exact over top-{a.k} + tail),
-    `kd_alpha: 1`, rollout temperature 1, up to {a.rollout_tokens} new tokens, weights synced
-    every step (`jobs/distill-on-policy.yaml`); `rollout.eos_guard: off` (see below).
-  - SFT, then on-policy KD: the SFT run's checkpoint at step {a.warm_steps}, then
-    {a.steps - a.warm_steps} on-policy steps (same total steps).
+{method_lines(a, by)}
 
 ## Results
 
@@ -678,6 +667,38 @@ reads offline logit KD's targets).
         text = text.rstrip("\n") + "\n\n" + HAND_MARK + old.split(HAND_MARK, 1)[1]
     a.md.write_text(text)
     return text
+
+
+def method_lines(a, by: dict[str, list[dict]]) -> str:
+    """The Setting section's bullet per method the study ran."""
+    onp = (
+        f"`kd_alpha: 1`, rollout temperature 1, up to {a.rollout_tokens} new tokens, weights "
+        "synced every step (`jobs/distill-on-policy.yaml`); `rollout.eos_guard: off` (an "
+        "untrained student's early endings are its mistake to correct, not a tokenizer "
+        "mismatch: the tokenizer is shared by construction)"
+    )
+    text = {
+        "sft": "SFT: `train.mode: full` on the reference answers (`jobs/sft.yaml`).",
+        "seqkd": "sequence-level KD: the teacher's greedy answers (`teach.kind: generate`, "
+        "temperature 0), CE on them (`kd_alpha: 0`; `jobs/seqkd.yaml`).",
+        "kd": f"offline logit KD: teacher top-{a.k} logprobs on the reference rows, "
+        f"`forward_kl`, `kd_alpha: {a.kd_alpha}` (`jobs/distill-offline.yaml`).",
+        "kd_rkl": "offline KD with `reverse_kl`, `kd_alpha: 1` (a diagnostic: on-policy KD's "
+        "loss on the reference rows instead of the student's samples).",
+    }
+    for m, loss in ON_POLICY_LOSS.items():
+        what = f"`train.teacher: on_policy`, `{loss}`" + (
+            f" (exact over top-{a.k} + tail)" if loss == "reverse_kl" else ""
+        )
+        if m == "gkd":
+            what += ", `rollout.on_policy_fraction: 0.5`"
+        if m in WARM_STARTED:
+            what = (
+                f"the SFT run's checkpoint at step {a.warm_steps}, then "
+                f"{a.steps - a.warm_steps} on-policy steps (same total steps): " + what
+            )
+        text[m] = f"{LABELS[m]}: {what}, {onp}."
+    return "\n".join(f"  - {text[m]}" for m in by)
 
 
 def teacher_text(a) -> str:
