@@ -277,6 +277,11 @@ def teacher_base(a) -> dict:
     return {"preset": a.teacher_preset}
 
 
+def pruned_student_dir(a) -> Path:
+    """smollm2: where the one pruned student lives (built by build_student)."""
+    return a.out / "students" / f"pruned-every{a.keep_every}"
+
+
 def build_student(a, teacher: Path, corpus: Path, seed: int) -> Path:
     """world: a `tiny` model per seed on the teacher's tokenizer. smollm2: one student cut
     from the instruct model (every --keep-every-th layer plus the last), shared by the seeds:
@@ -287,7 +292,7 @@ def build_student(a, teacher: Path, corpus: Path, seed: int) -> Path:
         from raydapt.prune import layers_to_keep, prune_model
 
         base = Path(teacher_base(a)["path"])
-        student = a.out / "students" / f"pruned-every{a.keep_every}"
+        student = pruned_student_dir(a)
         if not (student / "config.json").is_file():
             n = json.loads((base / "config.json").read_text())["num_hidden_layers"]
             prune_model(base, student, layers_to_keep(n, every=a.keep_every))
@@ -709,14 +714,12 @@ def teacher_text(a) -> str:
 
 def student_text(a) -> str:
     if a.model == "smollm2":
-        info = json.loads(
-            (a.out / "students" / f"pruned-every{a.keep_every}" / "pruned.json").read_text()
-        )
+        info = json.loads((pruned_student_dir(a) / "pruned.json").read_text())
         return (
             f"cut from SmolLM2-135M-Instruct (`raydapt.prune`: layers {info['kept_layers']} "
-            f"of 30, with the embeddings, final norm and tied head; {info['params'] / 1e6:.1f}M "
-            "parameters), one init shared by the seeds (a seed changes the data order and the "
-            "rollouts' samples)"
+            f"of {info['teacher_layers']}, with the embeddings, final norm and tied head; "
+            f"{info['params'] / 1e6:.1f}M parameters), one init shared by the seeds (a seed "
+            "changes the data order and the rollouts' samples)"
         )
     return (
         "the `tiny` preset (0.5M parameters), built per seed on the teacher's tokenizer "
